@@ -1,0 +1,132 @@
+"""One-file checkpoints: weights plus everything needed to use them later.
+
+Loading needs no training code. Files are read with ``torch.load(weights_only=True)`` so a
+foreign pickle cannot run code, and the metadata is validated before a model is built.
+"""
+from __future__ import annotations
+
+import platform
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ml import MLError
+
+FORMAT = "breast-review-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_META = (
+    "architecture", "class_names", "positive_classes", "labels", "input_size", "mean", "std",
+    "threshold", "threshold_default",
+)
+
+
+class CheckpointError(MLError):
+    """The file is missing, truncated, foreign, or its metadata is inconsistent."""
+
+
+def library_versions() -> dict[str, str]:
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], *,
+                    half: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` and ``meta`` to ``path`` atomically (write then rename).
+
+    ``half=True`` stores floating tensors as float16 (half the size; loading casts back to
+    float32). ``extra`` carries training state (optimizer, scheduler, epoch, RNG) for resuming.
+    """
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    meta = dict(meta)
+    meta.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    meta.setdefault("versions", library_versions())
+    meta["stored_dtype"] = "float16" if half else "float32"
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "state_dict": state}
+    if extra:
+        payload.update(extra)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
+    """Read a torch file safely, turning every failure into a CheckpointError with the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"{path} is truncated or not a torch file ({exc})") from exc
+    except RuntimeError as exc:
+        msg = str(exc)
+        reason = "truncated or corrupt" if ("zip" in msg or "archive" in msg or "central directory" in msg) else "unreadable"
+        raise CheckpointError(f"{path} is {reason}: {msg.splitlines()[0]}") from exc
+    except Exception as exc:  # pickle.UnpicklingError for foreign objects, and the like
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Return the validated payload of one of our checkpoints (``meta``, ``state_dict``, ...)."""
+    payload = read_checkpoint_file(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a breast-review checkpoint (no '{FORMAT}' header)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {payload['format_version']}; this code reads up to "
+            f"{FORMAT_VERSION}: upgrade the app")
+    meta = payload.get("meta")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has no metadata")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} metadata lacks {', '.join(missing)}")
+    if meta["architecture"] != "resnet18":
+        raise CheckpointError(f"{path}: architecture {meta['architecture']!r} is not supported")
+    size = meta["input_size"]
+    if not (isinstance(size, int) and 16 <= size <= 4096):
+        raise CheckpointError(f"{path}: input_size {size!r} is not a sensible image size")
+    if not 0.0 <= float(meta["threshold"]) <= 1.0:
+        raise CheckpointError(f"{path}: threshold {meta['threshold']!r} is outside [0, 1]")
+    if len(meta["mean"]) != 3 or len(meta["std"]) != 3:
+        raise CheckpointError(f"{path}: mean/std must have three channels")
+    if not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(f"{path} holds no weights")
+    return payload
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the network described by a checkpoint, load its weights, and return (model, meta).
+
+    The model is in eval mode, float32, on ``device``.
+    """
+    from ml.model import build_model
+
+    payload = load_checkpoint(path)
+    model = build_model("none")
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match ResNet18 ({str(exc).splitlines()[0]})") from exc
+    model.to(device).eval()
+    return model, payload["meta"]

@@ -1,0 +1,277 @@
+"""Images in, tensors out: ImageFolder scanning, robust decoding, caching and splits.
+
+Every image becomes 3-channel uint8 at a square size once (the cache); normalisation and
+augmentation then run on whole batches of tensors, so later epochs decode no files.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ml import MLError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".bmp"}
+DEFAULT_POSITIVE = ("cancer", "malignant")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LABEL_NAMES = ("normal", "cancer")  # index = binary target
+
+
+class DataError(MLError):
+    """The data cannot be used as given (empty folder, one class, unreadable files...)."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    16-bit and float images are scaled by their own min..max (medical exports rarely use the
+    full 16-bit range); alpha is composited onto black; palettes and CMYK are expanded.
+    """
+    image = ImageOps.exif_transpose(image) if image.format in ("JPEG", "TIFF") else image
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    elif mode == "1":
+        image = image.convert("L")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """Open a path (or take a PIL image) and return it as RGB; raise DataError if unreadable."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    try:
+        with Image.open(source) as img:
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {source}: {exc}") from exc
+
+
+def resize_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor 3 x size x size (bilinear with antialiasing, squashed)."""
+    resized = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalise(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float32 normalised, channels_last (faster convolutions on CPU)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1) * 255
+    out = (batch_uint8.float() - mean_t) / std_t
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def preprocess(images: Iterable[str | Path | Image.Image], size: int,
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Evaluation preprocessing exactly as training: RGB, square resize, ImageNet normalisation."""
+    tensors = [resize_to_tensor(load_image(img), size) for img in images]
+    if not tensors:
+        raise DataError("no images given")
+    return normalise(torch.stack(tensors), mean, std)
+
+
+@dataclass
+class FolderIndex:
+    """The files of an ImageFolder directory with their binary targets."""
+
+    root: Path
+    paths: list[Path]
+    class_names: list[str]          # folder names, sorted
+    class_of: list[int]             # index into class_names per file
+    positive_classes: list[str]
+    targets: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        positive = {self.class_names.index(c) for c in self.positive_classes}
+        self.targets = np.array([1 if c in positive else 0 for c in self.class_of], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> dict:
+        """File count and a sha256 of the sorted relative file list with labels."""
+        rows = sorted(f"{p.relative_to(self.root).as_posix()}\t{t}" for p, t in zip(self.paths, self.targets))
+        digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+        return {"n_files": len(rows), "sha256": digest,
+                "n_positive": int(self.targets.sum()), "classes": self.class_names}
+
+    def subset(self, indices: Sequence[int]) -> "FolderIndex":
+        idx = list(indices)
+        return FolderIndex(self.root, [self.paths[i] for i in idx], self.class_names,
+                           [self.class_of[i] for i in idx], self.positive_classes)
+
+
+def scan_folder(root: str | Path, positive_classes: Sequence[str] | None = None,
+                require_both: bool = True) -> FolderIndex:
+    """Index an ImageFolder directory (one sub-folder per class).
+
+    Folders named in ``positive_classes`` (default: ``cancer`` or ``malignant``, case
+    insensitive) are the positive class; every other folder is negative.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_names = [d.name for d in class_dirs]
+    wanted = {c.lower() for c in (positive_classes or DEFAULT_POSITIVE)}
+    positives = [c for c in class_names if c.lower() in wanted]
+    paths, class_of = [], []
+    for ci, d in enumerate(class_dirs):
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(p)
+                class_of.append(ci)
+    if not paths:
+        raise DataError(f"{root} holds no images in class sub-folders "
+                        f"(expected e.g. {root}/cancer/*.png and {root}/normal/*.png)")
+    index = FolderIndex(root, paths, class_names, class_of, positives)
+    if require_both:
+        n_pos = int(index.targets.sum())
+        if n_pos == 0 or n_pos == len(index):
+            which = "positive" if n_pos == 0 else "negative"
+            raise DataError(
+                f"{root} has only one class: no {which} images (folders: {', '.join(class_names)}; "
+                f"positive folders are {', '.join(sorted(wanted))})")
+    return index
+
+
+@dataclass
+class CachedImages:
+    """Decoded, resized images held in memory as one uint8 tensor."""
+
+    images: torch.Tensor            # N x 3 x S x S uint8
+    targets: torch.Tensor           # N float32 (0/1)
+    paths: list[Path]
+    skipped: list[tuple[Path, str]]  # unreadable files with the reason
+
+
+def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: bool = False) -> CachedImages:
+    """Decode every file of ``index`` once at ``size`` x ``size``.
+
+    Unreadable files are logged by name and listed in ``skipped`` (``strict=True`` raises).
+    """
+    tensors, targets, kept, skipped = [], [], [], []
+    iterator = zip(index.paths, index.targets)
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(list(iterator), desc=f"decode {size}px", unit="img", leave=False)
+    for path, target in iterator:
+        try:
+            tensors.append(resize_to_tensor(load_image(path), size))
+        except DataError as exc:
+            skipped.append((path, str(exc.__cause__ or exc)))
+            continue
+        targets.append(float(target))
+        kept.append(path)
+    if skipped:
+        names = ", ".join(str(p) for p, _ in skipped)
+        if strict:
+            raise DataError(f"unreadable image files: {names}")
+        log.warning("skipped %d unreadable image file(s): %s", len(skipped), names)
+    if not tensors:
+        raise DataError(f"none of the {len(index)} files in {index.root} could be read")
+    return CachedImages(torch.stack(tensors), torch.tensor(targets), kept, skipped)
+
+
+# ---------------------------------------------------------------- near-duplicates and splits
+
+def difference_hash(images: torch.Tensor, bits: int = 16) -> np.ndarray:
+    """256-bit difference hash (16 x 17 grey thumbnail, horizontal gradient signs) per image."""
+    grey = images.float().mean(dim=1, keepdim=True)
+    thumbs = torch.nn.functional.interpolate(grey, size=(bits, bits + 1), mode="area")[:, 0]
+    return (thumbs[:, :, 1:] > thumbs[:, :, :-1]).reshape(len(images), -1).numpy()
+
+
+def near_duplicate_groups(images: torch.Tensor, max_distance: int = 30) -> np.ndarray:
+    """Group id per image: images within ``max_distance`` bits of dHash share a group
+    (transitively), so frames of one lesion never straddle a train/validation split."""
+    hashes = difference_hash(images).astype(np.uint8)
+    n = len(hashes)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(n - 1):
+        dist = (hashes[i + 1:] != hashes[i]).sum(axis=1)
+        for j in np.nonzero(dist < max_distance)[0] + i + 1:
+            ri, rj = find(i), find(int(j))
+            if ri != rj:
+                parent[rj] = ri
+    return np.array([find(i) for i in range(n)])
+
+
+def stratified_folds(targets: Sequence[int], k: int, seed: int,
+                     groups: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Split indices into ``k`` folds with the class balance of the whole, repeatably.
+
+    With ``groups``, whole groups go to one fold (largest groups first, each to the fold
+    that most needs its class), like scikit-learn's StratifiedGroupKFold.
+    """
+    targets = np.asarray(targets)
+    if k < 2:
+        raise DataError("need at least 2 folds")
+    groups = np.arange(len(targets)) if groups is None else np.asarray(groups)
+    rng = np.random.default_rng(seed)
+    unique = np.unique(groups)
+    rng.shuffle(unique)
+    members = {g: np.nonzero(groups == g)[0] for g in unique}
+    order = sorted(unique, key=lambda g: -len(members[g]))  # stable: ties keep shuffled order
+    totals = np.array([(targets == 0).sum(), (targets == 1).sum()], dtype=float)
+    counts = np.zeros((k, 2))
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for g in order:
+        idx = members[g]
+        add = np.array([(targets[idx] == 0).sum(), (targets[idx] == 1).sum()])
+        # choose the fold whose per-class fill after adding stays most even
+        cost = [np.std((counts + np.eye(k)[f][:, None] * add) / np.maximum(totals, 1), axis=0).sum()
+                + 1e-9 * counts[f].sum() for f in range(k)]
+        best = int(np.argmin(cost))
+        counts[best] += add
+        folds[best].extend(idx.tolist())
+    return [np.sort(np.array(f, dtype=np.int64)) for f in folds]
+
+
+def train_val_split(targets: Sequence[int], val_fraction: float, seed: int,
+                    groups: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (optionally grouped) split: returns (train_indices, val_indices)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError("--val-split must be between 0 and 1")
+    targets = np.asarray(targets)
+    if groups is None:
+        rng = np.random.default_rng(seed)
+        val = []
+        for cls in (0, 1):
+            idx = np.nonzero(targets == cls)[0]
+            rng.shuffle(idx)
+            n_val = int(round(len(idx) * val_fraction))
+            n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) > 1 else 0
+            val.extend(idx[:n_val].tolist())
+        val_idx = np.sort(np.array(val, dtype=np.int64))
+    else:
+        k = max(2, int(round(1.0 / val_fraction)))
+        val_idx = stratified_folds(targets, k, seed, groups)[0]
+    train_idx = np.setdiff1d(np.arange(len(targets)), val_idx)
+    if len(val_idx) == 0 or len(np.unique(targets[val_idx])) < 2 or len(np.unique(targets[train_idx])) < 2:
+        raise DataError("too few images to give both classes to training and validation")
+    return train_idx, val_idx
