@@ -1,0 +1,89 @@
+"""The web app: HTTP, forms, accounts, database models and the image store.
+
+Never imports torch or `ml/`: predictions are made by the worker, which the web app
+reaches only through the broker (tasks are sent by name).
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any, Mapping
+
+from flask import Flask, redirect, url_for
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from webapp.config import PROJECT_ROOT, load_config
+from webapp.extensions import csrf, db, login_manager, migrate
+from webapp.storage import FileStore
+
+MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the Flask app (and its Celery app) from the environment plus ``config``.
+
+    ``config`` overrides environment settings (see `webapp.config.load_config`); tests
+    pass a temporary database and storage folder this way.
+    """
+    settings = load_config(config)
+    app = Flask(
+        __name__,
+        instance_path=settings["INSTANCE_PATH"],
+        template_folder=str(PROJECT_ROOT / "templates"),
+        static_folder=str(PROJECT_ROOT / "static"),
+    )
+    app.config.update(settings)
+    Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+
+    db.init_app(app)
+    # Batch mode: SQLite cannot ALTER most things, so migrations copy-and-swap tables.
+    migrate.init_app(app, db, directory=str(MIGRATIONS_DIR), render_as_batch=True)
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Please sign in to continue."
+    login_manager.session_protection = "strong"
+    csrf.init_app(app)
+    app.extensions["file_store"] = FileStore(app.config["STORAGE_DIR"])
+
+    from webapp import errors
+    from webapp.admin.routes import bp as admin_bp
+    from webapp.auth.routes import bp as auth_bp
+    from webapp.cases.routes import bp as cases_bp
+
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(cases_bp)
+    app.register_blueprint(admin_bp)
+    errors.register(app)
+
+    @app.get("/")
+    def index():  # the case list is the home page
+        return redirect(url_for("cases.case_list"))
+
+    @app.get("/healthz")
+    def healthz():  # for load balancers: the process answers and the database is reachable
+        db.session.execute(db.text("SELECT 1"))
+        return {"status": "ok"}
+
+    from webapp.background import celery_init_app
+
+    celery_init_app(app)
+    return app
+
+
+def file_store(app: Flask) -> FileStore:
+    """The app's image and checkpoint store."""
+    return app.extensions["file_store"]
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the web app read while the worker writes; busy_timeout waits for a lock
+    # instead of failing with "database is locked".
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()

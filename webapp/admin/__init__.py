@@ -1,0 +1,1 @@
+"""Admin pages: accounts and the model registry (read-only here)."""

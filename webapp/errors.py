@@ -1,0 +1,44 @@
+"""Error pages: a clear message and the right status, as HTML or JSON as asked."""
+from __future__ import annotations
+
+from flask import Flask, render_template, request
+from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from webapp.extensions import db
+
+
+def _wants_json() -> bool:
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+
+
+def _render(status: int, title: str, message: str):
+    if _wants_json():
+        return {"error": title, "message": message}, status
+    return render_template("errors/error.html", status=status, title=title, message=message), status
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_exc):
+        limit_mb = app.config["MAX_CONTENT_LENGTH"] // (1024 * 1024)
+        return _render(413, "Upload too large",
+                       f"The upload is larger than the {limit_mb} MB limit for one submission, "
+                       "so nothing was stored. Send fewer or smaller files at a time.")
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc):
+        return _render(400, "Form expired",
+                       "The form was missing its security token or it had expired. "
+                       "Reload the page and submit again.")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return _render(exc.code or 500, exc.name, exc.description or "")
+
+    @app.errorhandler(Exception)
+    def server_error(exc: Exception):
+        app.logger.exception("unhandled error")
+        db.session.rollback()  # nothing half-written survives the failed request
+        return _render(500, "Server error", "Something went wrong on our side; nothing was saved.")

@@ -1,0 +1,146 @@
+"""Upload intake: check each image, store it by content, open a case, enqueue the job.
+
+Callable without HTTP: `receive_uploads` is what the upload route runs.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+from flask import current_app
+from PIL import Image, UnidentifiedImageError
+
+from webapp.background import enqueue_prediction
+from webapp.broker import BrokerUnavailable
+from webapp.extensions import db
+from webapp.models import Case, User, audit
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_FORMATS = {"PNG": ".png", "JPEG": ".jpg"}
+
+
+class ImageRejected(ValueError):
+    """A file that is not an acceptable image; the message says why, for the uploader."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+
+@dataclass
+class UploadOutcome:
+    accepted: list[Case] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (filename, reason)
+    not_queued: list[Case] = field(default_factory=list)  # stored, but the queue was down
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Check that ``data`` is a complete PNG or JPEG within the limits; raise ImageRejected."""
+    if not data:
+        raise ImageRejected("the file is empty")
+    if len(data) > max_bytes:
+        raise ImageRejected(f"the file is {_mb(len(data))}; the limit is {_mb(max_bytes)} per image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice its limit; a bomb is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (width, height) = img.format, img.size
+                if fmt not in ACCEPTED_FORMATS:
+                    raise ImageRejected(f"it is a {fmt} image; only PNG and JPEG are accepted")
+                # Checked from the header, before any pixel is decoded.
+                if width * height > max_pixels:
+                    raise ImageRejected(
+                        f"the image has {width}×{height} pixels; the limit is {max_pixels:,} pixels")
+                if width < 8 or height < 8:
+                    raise ImageRejected(f"the image is only {width}×{height} pixels")
+                img.verify()
+            # verify() checks structure but not the pixel data: decode it all once.
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("it is not an image file (PNG or JPEG expected)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected(f"the image has too many pixels (limit {max_pixels:,})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected(f"the image is damaged or incomplete ({exc})") from None
+    return ImageInfo(fmt, width, height)
+
+
+def display_name(filename: str | None) -> str:
+    """The file's own name without any folder part, for display only."""
+    name = PurePath((filename or "").replace("\\", "/")).name.strip()
+    return (name or "unnamed")[:255]
+
+
+def receive_uploads(files: list[tuple[str, bytes]], note: str | None, uploader: User) -> UploadOutcome:
+    """Open one queued case per acceptable file and enqueue its prediction.
+
+    Each case is committed on its own (with its audit event) before its job is sent, so
+    a bad file, or a broker that is down, never undoes the other files. A case whose job
+    could not be sent is marked failed with the reason and can be re-run.
+    """
+    cfg = current_app.config
+    store = current_app.extensions["file_store"]
+    outcome = UploadOutcome()
+    note = (note or "").strip()[:2000] or None
+    for filename, data in files:
+        name = display_name(filename)
+        try:
+            info = inspect_image(data, cfg["MAX_IMAGE_BYTES"], cfg["MAX_IMAGE_PIXELS"])
+        except ImageRejected as exc:
+            outcome.rejected.append((name, str(exc)))
+            continue
+        key, digest = store.put(data, "images", ACCEPTED_FORMATS[info.format])
+        case = Case(uploader_id=uploader.id, status="queued", image_sha256=digest, image_key=key,
+                    image_format=info.format, original_filename=name, width=info.width,
+                    height=info.height, note=note)
+        db.session.add(case)
+        db.session.flush()
+        audit("case.upload", actor=uploader, target=case, sha256=digest)
+        db.session.commit()
+        outcome.accepted.append(case)
+        if not queue_case(case):
+            outcome.not_queued.append(case)
+    return outcome
+
+
+def queue_case(case: Case) -> bool:
+    """Send the case's job; on failure mark it failed with the reason. True if sent."""
+    try:
+        enqueue_prediction(current_app._get_current_object(), case.id)
+    except BrokerUnavailable as exc:
+        case.status = "failed"
+        case.error = f"Not queued: {exc}. Re-run the case once the worker is running."
+        db.session.commit()
+        return False
+    return True
+
+
+class RerunRefused(ValueError):
+    """The case cannot be re-run now; the message says why."""
+
+
+def rerun_case(case: Case, actor: User) -> bool:
+    """Queue a finished case again (the prediction uses the active model). True if queued."""
+    if case.status in ("queued", "running"):
+        raise RerunRefused("the case is already waiting for or running its prediction")
+    case.status = "queued"
+    case.error = None
+    case.started_at = case.finished_at = None
+    audit("case.rerun", actor=actor, target=case)
+    db.session.commit()
+    return queue_case(case)

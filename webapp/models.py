@@ -1,0 +1,202 @@
+"""Database models: who uses the app, what they uploaded, what the model said, and a log.
+
+Times are stored as naive UTC (`utcnow()`), the same on SQLite and PostgreSQL.
+"""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask_login import UserMixin
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint, text)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from webapp.extensions import db
+
+ROLES = ("clinician", "reviewer", "admin")
+CASE_STATUSES = ("queued", "running", "done", "failed")
+LABELS = ("cancer", "normal")
+
+
+def utcnow() -> datetime:
+    """The current time as naive UTC, the form every timestamp column holds."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class User(UserMixin, db.Model):
+    """A person who signs in. `role` decides what they may see and do."""
+
+    __tablename__ = "user"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16), default="clinician")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    def set_password(self, password: str) -> None:
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password: str) -> bool:
+        return check_password_hash(self.password_hash, password)
+
+    @property
+    def is_active(self) -> bool:  # Flask-Login refuses inactive users at login and per request
+        return bool(self.active)
+
+    def has_role(self, *roles: str) -> bool:
+        return self.role in roles
+
+    @property
+    def sees_all_cases(self) -> bool:
+        """Reviewers and admins read every case; clinicians only their own uploads."""
+        return self.role in ("reviewer", "admin")
+
+    def __repr__(self) -> str:
+        return f"<User {self.email} {self.role}>"
+
+
+class ModelVersion(db.Model):
+    """A registered checkpoint. Exactly one (or none) is active: the one workers use."""
+
+    __tablename__ = "model_version"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    file_key: Mapped[str] = mapped_column(String(255))  # key in the file store
+    checksum: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the file
+    threshold: Mapped[float] = mapped_column(Float)
+    input_size: Mapped[int | None] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the checkpoint's meta
+    notes: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    registered_by_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=False)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Lineage for retraining: which version this one was trained from, and on what data.
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id"))
+    data_fingerprint: Mapped[str | None] = mapped_column(String(64))
+
+    parent: Mapped[ModelVersion | None] = relationship(remote_side=[id])
+
+    __table_args__ = (
+        # The database itself guarantees at most one active version.
+        Index("uq_model_version_one_active", "is_active", unique=True,
+              sqlite_where=text("is_active = 1"), postgresql_where=text("is_active")),
+    )
+
+    def __repr__(self) -> str:
+        return f"<ModelVersion {self.name}{' active' if self.is_active else ''}>"
+
+
+class Case(db.Model):
+    """One uploaded image and the state of its prediction job.
+
+    `label` and `probability` copy the latest prediction so that the case list can filter
+    and sort on indexed columns of one table (no join per row, no N+1).
+    """
+
+    __tablename__ = "case"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uploader_id: Mapped[int] = mapped_column(ForeignKey("user.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    error: Mapped[str | None] = mapped_column(Text)
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    image_key: Mapped[str] = mapped_column(String(255))
+    image_format: Mapped[str] = mapped_column(String(8))  # "PNG" or "JPEG", from the content
+    original_filename: Mapped[str] = mapped_column(String(255))  # for display only
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    label: Mapped[str | None] = mapped_column(String(16))
+    probability: Mapped[float | None] = mapped_column(Float)
+    # Maintained by the review feature; kept here so "unreviewed" is an indexed filter.
+    review_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    uploader: Mapped[User] = relationship()
+    predictions: Mapped[list[Prediction]] = relationship(
+        back_populates="case", order_by="Prediction.updated_at.desc()", cascade="all, delete-orphan")
+
+    __table_args__ = (
+        # Keyset pagination: each list order has an index that ends in the primary key.
+        Index("ix_case_created", "created_at", "id"),
+        Index("ix_case_status_created", "status", "created_at", "id"),
+        Index("ix_case_uploader_created", "uploader_id", "created_at", "id"),
+        Index("ix_case_label_created", "label", "created_at", "id"),
+        Index("ix_case_probability", "probability", "id"),
+        Index("ix_case_reviews_created", "review_count", "created_at", "id"),
+    )
+
+    @property
+    def latest_prediction(self) -> Prediction | None:
+        return self.predictions[0] if self.predictions else None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in ("done", "failed")
+
+    def __repr__(self) -> str:
+        return f"<Case {self.id} {self.status}>"
+
+
+class Prediction(db.Model):
+    """What one model version said about one case. One row per (case, model version)."""
+
+    __tablename__ = "prediction"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("case.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"))
+    probability: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    threshold: Mapped[float] = mapped_column(Float)
+    method: Mapped[str] = mapped_column(String(32))
+    heatmap_key: Mapped[str | None] = mapped_column(String(255))
+    overlay_key: Mapped[str | None] = mapped_column(String(255))
+    faithfulness: Mapped[float | None] = mapped_column(Float)
+    border_share: Mapped[float | None] = mapped_column(Float)
+    timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    case: Mapped[Case] = relationship(back_populates="predictions")
+    model_version: Mapped[ModelVersion] = relationship()
+
+    __table_args__ = (UniqueConstraint("case_id", "model_version_id"),)
+
+
+class AuditEvent(db.Model):
+    """Who did what to which row, and when. Written in the same transaction as the change."""
+
+    __tablename__ = "audit_event"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"))  # None: the system
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target_type: Mapped[str | None] = mapped_column(String(32))
+    target_id: Mapped[int | None] = mapped_column(Integer)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    actor: Mapped[User | None] = relationship()
+
+    __table_args__ = (Index("ix_audit_event_target", "target_type", "target_id"),)
+
+
+def audit(action: str, actor: User | None = None, target: db.Model | None = None, **details: Any) -> AuditEvent:
+    """Add an audit event to the current session; the caller's commit writes it with the change."""
+    event = AuditEvent(
+        action=action,
+        actor_id=actor.id if actor is not None else None,
+        target_type=target.__tablename__ if target is not None else None,
+        target_id=target.id if target is not None else None,
+        details=details,
+    )
+    db.session.add(event)
+    return event
