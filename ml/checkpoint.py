@@ -31,7 +31,7 @@ class CheckpointError(MLError):
 def library_versions() -> dict[str, str]:
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version()}
 
 

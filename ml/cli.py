@@ -1,0 +1,143 @@
+"""`manage.py train | evaluate | predict`: thin click wrappers over ml/ (torch imported lazily)."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+WEIGHTS_HELP = "starting weights: 'imagenet' (torchvision download), 'none' (random) or a local file PATH"
+
+
+def user_errors(func):
+    """Turn our errors a user can cause into one clear line and exit status 1 (no traceback)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from ml import MLError
+        try:
+            return func(*args, **kwargs)
+        except MLError as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s", stream=sys.stderr)
+
+
+@click.command()
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="ImageFolder directory (one sub-folder per class)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint file to write (MODEL.pt)")
+@click.option("--val-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--weights", default="none", show_default=True, help=WEIGHTS_HELP)
+@click.option("--img-size", default=224, show_default=True, type=click.IntRange(16, 4096), help="square input size, stored in the checkpoint")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--folds", default=0, show_default=True, type=click.IntRange(0), help="k-fold cross-validation (k >= 2); reports mean ± sd")
+@click.option("--target-sensitivity", default=0.90, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="operating threshold is chosen on validation data to reach this sensitivity")
+@click.option("--patience", default=15, show_default=True, type=click.IntRange(1), help="early stopping: epochs without a validation ROC-AUC gain")
+@click.option("--positive", "positive_classes", multiple=True, help="positive class folder name (repeatable; default cancer, malignant)")
+@click.option("--no-group-duplicates", is_flag=True, help="split at random instead of keeping near-duplicate images on one side")
+@click.option("--pos-weight", default="auto", show_default=True, help="BCE pos_weight: auto (n_neg/n_pos), none, or a number")
+@click.option("--no-augment", is_flag=True, help="turn off train-time augmentation")
+@click.option("--time-limit", "time_limit_min", type=click.FloatRange(0, min_open=True), help="stop after this many minutes (checked after each epoch)")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+@click.option("--resume", is_flag=True, help="continue an interrupted run from OUT.resume.pt")
+@click.option("--strict", is_flag=True, help="fail on unreadable image files instead of skipping them")
+@click.option("--quiet", is_flag=True, help="no progress bars or per-epoch lines")
+@user_errors
+def train(quiet: bool, no_group_duplicates: bool, no_augment: bool, positive_classes, **opts) -> None:
+    """Train the ResNet18 cancer-vs-normal classifier and write the best checkpoint."""
+    _logging(not quiet)
+    from ml.train import TrainConfig, fit
+
+    cfg = TrainConfig(**opts, positive_classes=list(positive_classes) or None,
+                      group_duplicates=not no_group_duplicates, augment=not no_augment, progress=not quiet)
+
+    def show(entry) -> None:
+        if quiet:
+            return
+        v = entry.val
+        click.echo(f"epoch {entry.epoch:3d}  lr {entry.lr:.2e}  train loss {entry.train_loss:.4f} acc {entry.train_accuracy:.3f}"
+                   f"  | val loss {v['loss']:.4f} acc {v['accuracy']:.3f} prec {v['precision']:.3f}"
+                   f" sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} f1 {v['f1']:.3f}"
+                   f" roc_auc {v['roc_auc']:.3f} pr_auc {v['pr_auc']:.3f}"
+                   f"  ({entry.train_images / entry.train_seconds:.1f} img/s)")
+
+    result = fit(cfg, on_epoch=show)
+    if "cv" in result:
+        click.echo(f"{cfg.folds}-fold cross-validation (mean ± sd at each fold's operating threshold):")
+        for k, v in result["cv"].items():
+            click.echo(f"  {k:12s} {v['mean']:.3f} ± {v['sd']:.3f}")
+        click.echo(f"best fold written to {result['checkpoint']}")
+        return
+    m = result["val_metrics"]["at_threshold"]
+    click.echo(f"best epoch {result['best_epoch']}: val roc_auc {m['roc_auc']:.3f}; at threshold "
+               f"{m['threshold']:.3f}: sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f}")
+    if result.get("skipped_files"):
+        click.echo(f"skipped {len(result['skipped_files'])} unreadable file(s): {', '.join(result['skipped_files'])}", err=True)
+    click.echo(f"wrote {result['checkpoint']}")
+
+
+@click.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="checkpoint file")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="ImageFolder directory")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the metrics as JSON here")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="write ROC/PR/confusion/calibration PNGs here")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(100), help="bootstrap resamples for the ROC-AUC interval")
+@click.option("--device", default=None)
+@user_errors
+def evaluate(model_path: str, data: str, json_out: str | None, report_dir: str | None, bootstrap: int, device: str | None) -> None:
+    """Metrics of a checkpoint on an ImageFolder directory, at its stored threshold."""
+    from ml.evaluate import evaluate_folder, to_json, write_report
+
+    r = evaluate_folder(model_path, data, device=device, n_boot=bootstrap)
+    lo, hi = r["roc_auc_ci"]
+    click.echo(f"n={r['n']} (cancer {r['n_positive']})  roc_auc {r['roc_auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})  pr_auc {r['pr_auc']:.3f}")
+    click.echo(f"at threshold {r['threshold']:.3f}: sensitivity {r['sensitivity']:.3f}  specificity {r['specificity']:.3f}"
+               f"  precision {r['precision']:.3f}  f1 {r['f1']:.3f}  accuracy {r['accuracy']:.3f}")
+    if r["skipped_files"]:
+        click.echo(f"skipped {len(r['skipped_files'])} unreadable file(s): {', '.join(r['skipped_files'])}", err=True)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(to_json(r))
+    if report_dir:
+        written = write_report(r, report_dir)
+        click.echo(f"report: {', '.join(str(p) for p in written)}")
+
+
+@click.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="checkpoint file")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--device", default=None)
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@user_errors
+def predict(model_path: str, batch_size: int, device: str | None, images: tuple[str, ...]) -> None:
+    """Print one line per image: path, probability of cancer, label at the stored threshold.
+
+    An unreadable image gets an error line and a nonzero exit; the others are still predicted."""
+    from ml.data import DataError, load_image
+    from ml.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(model_path, device)
+    readable, failed = [], 0
+    for path in images:
+        try:
+            readable.append((path, load_image(path)))
+        except DataError as exc:
+            click.echo(f"{path}\terror\t{exc}", err=True)
+            failed += 1
+    results = predictor.predict([img for _, img in readable], batch_size) if readable else []
+    for (path, _), r in zip(readable, results):
+        click.echo(f"{path}\t{r.probability:.4f}\t{r.label}\t(threshold {r.threshold:.3f})")
+    if failed:
+        sys.exit(1)
+
+
+COMMANDS = [train, evaluate, predict]

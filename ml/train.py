@@ -1,0 +1,326 @@
+"""Training: plain `train_one_epoch` / `evaluate` functions and `fit`, which runs a whole
+seeded, resumable training and writes the best checkpoint by validation ROC-AUC."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml import MLError
+from ml.augment import augment_batch
+from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
+from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
+                     near_duplicate_groups, normalise, scan_folder, stratified_folds,
+                     train_val_split)
+from ml.metrics import summarise, threshold_for_sensitivity
+from ml.model import build_model, select_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; stored in the checkpoint so a run can be reproduced."""
+
+    data: str
+    out: str
+    val_split: float = 0.2
+    epochs: int = 30
+    weights: str = "none"
+    img_size: int = 224
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    folds: int = 0
+    target_sensitivity: float = 0.90
+    patience: int = 15
+    device: str | None = None
+    positive_classes: list[str] | None = None
+    group_duplicates: bool = True
+    pos_weight: str = "auto"          # "auto" (n_neg / n_pos), "none", or a number
+    augment: bool = True
+    time_limit_min: float | None = None
+    resume: bool = False
+    strict: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    train_seconds: float
+    train_images: int
+    val: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class WarmupCosine:
+    """Linear warm-up then cosine decay to 1% of the base rate, per batch. ``total_steps``
+    may be shortened after the first epoch so that a time-limited run still decays fully."""
+
+    def __init__(self, total_steps: int, warmup_steps: int):
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                    optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
+                    batch_size: int, generator: torch.Generator, device: torch.device,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: bool = True,
+                    progress: bool = False, desc: str = "train") -> tuple[float, float, int]:
+    """One pass over (uint8 images, 0/1 targets) in shuffled batches; returns
+    (mean loss, accuracy at 0.5, images seen). A final batch of one is dropped (BatchNorm)."""
+    model.train()
+    order = torch.randperm(len(images), generator=generator)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches = batches[:-1]
+    total_loss, correct, seen = 0.0, 0, 0
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False)
+    for idx in batches:
+        x = images[idx]
+        x = augment_batch(x, generator) if augment else x.float()
+        # normalise() takes uint8-range values; float input is fine
+        x = normalise(x, mean, std).to(device, non_blocking=True)
+        y = targets[idx].to(device)
+        logits = model(x).flatten()
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = len(idx)
+        total_loss += loss.item() * n
+        correct += int(((logits.detach() >= 0).float() == y).sum())
+        seen += n
+    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None,
+             batch_size: int, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+             criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
+    """Probabilities for uint8 ``images`` (eval mode, no augmentation) and the mean loss."""
+    model.eval()
+    probs, total_loss = [], 0.0
+    for i in range(0, len(images), batch_size):
+        x = normalise(images[i:i + batch_size].to(device), mean, std)
+        logits = model(x).flatten().float()
+        if criterion is not None and targets is not None:
+            total_loss += criterion(logits, targets[i:i + batch_size].to(device)).item() * len(x)
+        probs.append(torch.sigmoid(logits).cpu())
+    p = torch.cat(probs).numpy().astype(np.float64) if probs else np.zeros(0)
+    return p, total_loss / max(len(images), 1)
+
+
+def _pos_weight(spec: str, targets: torch.Tensor) -> torch.Tensor | None:
+    if spec == "none":
+        return None
+    if spec == "auto":
+        n_pos = float(targets.sum())
+        return torch.tensor((len(targets) - n_pos) / max(n_pos, 1.0))
+    try:
+        return torch.tensor(float(spec))
+    except ValueError as exc:
+        raise MLError(f"--pos-weight must be 'auto', 'none' or a number, not {spec!r}") from exc
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    keys = ("loss", "accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc")
+    return " ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, class_names: list[str],
+                     positive_classes: list[str], val_metrics: dict, threshold: float,
+                     split: dict, epoch: int, history: list[EpochLog]) -> dict[str, Any]:
+    return {
+        "architecture": "resnet18", "num_outputs": 1,
+        "class_names": class_names, "positive_classes": positive_classes,
+        "labels": list(LABEL_NAMES), "input_size": cfg.img_size,
+        "resize": "square-bilinear", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "threshold": threshold, "threshold_default": 0.5,
+        "target_sensitivity": cfg.target_sensitivity,
+        "val_metrics": val_metrics, "data_fingerprint": fingerprint, "split": split,
+        "seed": cfg.seed, "epoch": epoch, "args": asdict(cfg),
+        "skipped_files": [str(p) for p, _ in cache.skipped],
+        "history": [asdict(h) for h in history],
+    }
+
+
+def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_idx: np.ndarray,
+              out: Path, fingerprint: dict, class_names: list[str], positive_classes: list[str],
+              split_info: dict, on_epoch: Callable[[EpochLog], None] | None = None) -> dict[str, Any]:
+    """Train on ``train_idx``, validate on ``val_idx`` each epoch, keep the best checkpoint by
+    validation ROC-AUC at ``out``; resumable from ``out``.resume.pt. Returns a summary."""
+    device = select_device(cfg.device)
+    generator = seed_everything(cfg.seed)
+    x_train, y_train = cache.images[train_idx], cache.targets[train_idx]
+    x_val, y_val = cache.images[val_idx], cache.targets[val_idx]
+    model = build_model(cfg.weights).to(device, memory_format=torch.channels_last)
+    pw = _pos_weight(cfg.pos_weight, y_train)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
+    eval_criterion = nn.BCEWithLogitsLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, len(train_idx) // cfg.batch_size)
+    schedule = WarmupCosine(steps * cfg.epochs, warmup_steps=steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    planned_epochs = cfg.epochs
+    resume_path = out.with_name(out.name + ".resume.pt")
+
+    history: list[EpochLog] = []
+    best = {"roc_auc": -1.0, "epoch": 0}
+    start_epoch, stale = 1, 0
+    if cfg.resume and resume_path.exists():
+        state = read_checkpoint_file(resume_path)
+        if state.get("split", {}).get("val_sha") != split_info["val_sha"]:
+            raise CheckpointError(f"{resume_path} belongs to another split or data set; delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = [EpochLog(**h) for h in json.loads(state["history"])]
+        best, stale = json.loads(state["best"]), int(state["stale"])
+        start_epoch = int(state["epoch"]) + 1
+        planned_epochs = int(state.get("planned_epochs", cfg.epochs))
+        schedule.total_steps = steps * planned_epochs
+        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+
+    started = time.monotonic()
+    epoch = start_epoch
+    while epoch <= planned_epochs:
+        t0 = time.perf_counter()
+        loss, acc, seen = train_one_epoch(model, x_train, y_train, optimizer, scheduler, criterion,
+                                          cfg.batch_size, generator, device, augment=cfg.augment,
+                                          progress=cfg.progress, desc=f"epoch {epoch}/{planned_epochs}")
+        train_seconds = time.perf_counter() - t0
+        probs, val_loss = evaluate(model, x_val, y_val, 2 * cfg.batch_size, device, criterion=eval_criterion)
+        if cfg.time_limit_min and epoch == start_epoch == 1:
+            # fit the cosine schedule to the time budget, measured on the first epoch
+            per_epoch = (time.monotonic() - started) / 60
+            planned_epochs = max(1, min(cfg.epochs, int(cfg.time_limit_min / per_epoch)))
+            schedule.total_steps = steps * planned_epochs
+            log.info("time limit %.1f min: planning %d epochs of %.2f min", cfg.time_limit_min,
+                     planned_epochs, per_epoch)
+        metrics = summarise(y_val.numpy(), probs, 0.5)
+        metrics["loss"] = val_loss
+        entry = EpochLog(epoch, optimizer.param_groups[0]["lr"], loss, acc, train_seconds, seen,
+                         {k: v for k, v in metrics.items() if k != "confusion"})
+        history.append(entry)
+        if on_epoch:
+            on_epoch(entry)
+        log.info("epoch %d train loss=%.3f acc=%.3f | val %s", epoch, loss, acc, _fmt(metrics))
+        if metrics["roc_auc"] > best["roc_auc"]:
+            threshold = threshold_for_sensitivity(y_val.numpy(), probs, cfg.target_sensitivity)
+            at_op = summarise(y_val.numpy(), probs, threshold)
+            val_metrics = {"at_threshold": at_op, "at_0.5": metrics, "loss": val_loss}
+            best = {"roc_auc": metrics["roc_auc"], "epoch": epoch, "threshold": threshold,
+                    "val_metrics": val_metrics}
+            meta = _checkpoint_meta(cfg, cache, fingerprint, class_names, positive_classes,
+                                    val_metrics, threshold, split_info, epoch, history)
+            save_checkpoint(out, model, meta)
+            stale = 0
+        else:
+            stale += 1
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "stale": stale,
+                    "history": json.dumps([asdict(h) for h in history]), "best": json.dumps(best),
+                    "planned_epochs": planned_epochs, "split": {"val_sha": split_info["val_sha"]}},
+                   resume_path)
+        if stale >= cfg.patience:
+            log.info("early stop: no ROC-AUC gain in %d epochs", cfg.patience)
+            break
+        if cfg.time_limit_min and (time.monotonic() - started) / 60 >= cfg.time_limit_min:
+            log.info("time limit of %.1f min reached after epoch %d", cfg.time_limit_min, epoch)
+            break
+        epoch += 1
+    resume_path.unlink(missing_ok=True)
+    return {"best_epoch": best["epoch"], "best_roc_auc": best["roc_auc"],
+            "threshold": best.get("threshold"), "val_metrics": best.get("val_metrics"),
+            "history": history, "checkpoint": str(out)}
+
+
+def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) -> dict[str, Any]:
+    """Load the data once, split it (or run k-fold cross-validation) and train.
+
+    With ``folds >= 2`` every fold is trained and its checkpoint written as
+    ``OUT.foldK.pt``; ``OUT`` gets the fold with the best validation ROC-AUC and the
+    summary carries each metric's mean and standard deviation across folds.
+    """
+    out = Path(cfg.out)
+    index = scan_folder(cfg.data, cfg.positive_classes)
+    cache = cache_images(index, cfg.img_size, strict=cfg.strict, progress=cfg.progress)
+    fingerprint = index.fingerprint()
+    if cache.skipped:
+        fingerprint["n_skipped"] = len(cache.skipped)
+    y = cache.targets.numpy().astype(int)
+    groups = near_duplicate_groups(cache.images) if cfg.group_duplicates else None
+    n_groups = len(np.unique(groups)) if groups is not None else len(y)
+
+    def split_info(val_idx: np.ndarray, fold: int | None) -> dict:
+        import hashlib
+        val_sha = hashlib.sha256(",".join(map(str, val_idx.tolist())).encode()).hexdigest()[:16]
+        return {"val_fraction": cfg.val_split, "folds": cfg.folds, "fold": fold,
+                "grouped_near_duplicates": cfg.group_duplicates, "n_groups": int(n_groups),
+                "n_train": int(len(y) - len(val_idx)), "n_val": int(len(val_idx)),
+                "seed": cfg.seed, "val_sha": val_sha}
+
+    common = dict(cache=cache, fingerprint=fingerprint, class_names=index.class_names,
+                  positive_classes=index.positive_classes)
+    if cfg.folds and cfg.folds >= 2:
+        folds = stratified_folds(y, cfg.folds, cfg.seed, groups)
+        results = []
+        for k, val_idx in enumerate(folds, start=1):
+            train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
+            fold_out = out.with_name(f"{out.stem}.fold{k}{out.suffix}")
+            log.info("fold %d/%d: %d train, %d val", k, cfg.folds, len(train_idx), len(val_idx))
+            res = run_split(cfg, train_idx=train_idx, val_idx=val_idx, out=fold_out,
+                            split_info=split_info(val_idx, k), on_epoch=on_epoch, **common)
+            results.append(res)
+        best = max(results, key=lambda r: r["best_roc_auc"])
+        out.write_bytes(Path(best["checkpoint"]).read_bytes())
+        summary = {"folds": results, "checkpoint": str(out), "cv": cv_summary(results)}
+        return summary
+    train_idx, val_idx = train_val_split(y, cfg.val_split, cfg.seed, groups)
+    result = run_split(cfg, train_idx=train_idx, val_idx=val_idx, out=out,
+                       split_info=split_info(val_idx, None), on_epoch=on_epoch, **common)
+    result["skipped_files"] = [str(p) for p, _ in cache.skipped]
+    return result
+
+
+def cv_summary(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation of each operating-point metric across folds."""
+    keys = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "f1", "accuracy")
+    out = {}
+    for k in keys:
+        vals = np.array([r["val_metrics"]["at_threshold"][k] for r in results if r["val_metrics"]], dtype=float)
+        out[k] = {"mean": float(np.nanmean(vals)), "sd": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    return out
