@@ -102,6 +102,7 @@ def run_migrations_online():
             # Batch migrations copy, drop and rename tables; with foreign keys enforced a
             # drop would cascade into the referencing rows.
             connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()  # end the implicit transaction, or Alembic's would never commit
         context.configure(
             connection=connection,
             target_metadata=get_metadata(),

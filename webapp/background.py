@@ -70,6 +70,7 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(celery_settings(app.config, broker_url))
     celery_app.set_default()
+    celery_app.flask_app = app  # worker signal handlers need the app
     app.extensions["celery"] = celery_app
     app.extensions["celery_broker_available"] = broker_url is not None
     return celery_app

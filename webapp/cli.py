@@ -1,0 +1,208 @@
+"""`manage.py init`, `manage.py users ...` and `manage.py run`: parse, then delegate.
+
+Nothing here imports torch: the worker that `run` starts is a separate process.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import click
+
+from webapp.config import EMBEDDED_BROKER, PROJECT_ROOT, load_config
+
+
+@contextmanager
+def _app_context(config=None):
+    from webapp import create_app
+
+    app = create_app(config)
+    with app.app_context():
+        yield app
+
+
+def _schema_is_current(app) -> bool:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from webapp import MIGRATIONS_DIR
+    from webapp.extensions import db
+
+    heads = set(ScriptDirectory(str(MIGRATIONS_DIR)).get_heads())
+    with db.engine.connect() as connection:
+        return set(MigrationContext.configure(connection).get_current_heads()) == heads
+
+
+@click.command()
+@click.option("--admin-email", help="Email of the first admin (else ADMIN_EMAIL, else a prompt).")
+def init(admin_email: str | None) -> None:
+    """Create or upgrade the database, then create the first admin if there is none.
+
+    The admin's password comes from ADMIN_PASSWORD or a prompt; it is never printed.
+    Safe to run again: it only applies new migrations.
+    """
+    import flask_migrate
+
+    from webapp import MIGRATIONS_DIR
+    from webapp.accounts import AccountError, create_user, has_admin
+
+    with _app_context() as app:
+        flask_migrate.upgrade(directory=str(MIGRATIONS_DIR))
+        click.echo(f"database ready: {app.config['SQLALCHEMY_DATABASE_URI'].split('@')[-1]}")
+        if has_admin():
+            click.echo("an admin account exists; no account created")
+            return
+        email = admin_email or app.config["ADMIN_EMAIL"] or click.prompt("Email of the first admin")
+        password = app.config["ADMIN_PASSWORD"] or click.prompt(
+            "Password for the first admin", hide_input=True, confirmation_prompt=True)
+        try:
+            user = create_user(email, password, "admin")
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"created admin {user.email}")
+
+
+@click.group()
+def users() -> None:
+    """Create, list and manage accounts."""
+
+
+@users.command("create")
+@click.argument("email")
+@click.option("--role", type=click.Choice(["clinician", "reviewer", "admin"]), default="clinician", show_default=True)
+@click.option("--password", envvar=None, help="Omit to be prompted (keeps it out of shell history).")
+def users_create(email: str, role: str, password: str | None) -> None:
+    """Create an account."""
+    from webapp.accounts import AccountError, create_user
+
+    if password is None:
+        password = click.prompt(f"Password for {email}", hide_input=True, confirmation_prompt=True)
+    with _app_context():
+        try:
+            user = create_user(email, password, role)
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"created {user.email} ({user.role})")
+
+
+@users.command("list")
+def users_list() -> None:
+    """List accounts: email, role, active, last sign-in."""
+    from sqlalchemy import select
+
+    from webapp.extensions import db
+    from webapp.models import User
+
+    with _app_context():
+        for user in db.session.scalars(select(User).order_by(User.email)):
+            last = user.last_login_at.strftime("%Y-%m-%d %H:%M") if user.last_login_at else "never"
+            click.echo(f"{user.email:40} {user.role:10} {'active' if user.active else 'inactive':9} {last}")
+
+
+def _user_or_fail(email: str):
+    from webapp.accounts import find_user
+
+    user = find_user(email)
+    if user is None:
+        raise click.ClickException(f"no user with email {email}")
+    return user
+
+
+@users.command("set-role")
+@click.argument("email")
+@click.argument("role", type=click.Choice(["clinician", "reviewer", "admin"]))
+def users_set_role(email: str, role: str) -> None:
+    """Change an account's role."""
+    from webapp.accounts import AccountError, set_role
+
+    with _app_context():
+        user = _user_or_fail(email)
+        try:
+            set_role(user, role)
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{user.email} is now {user.role}")
+
+
+@users.command("deactivate")
+@click.argument("email")
+def users_deactivate(email: str) -> None:
+    """Stop an account from signing in; its cases stay."""
+    from webapp.accounts import AccountError, deactivate
+
+    with _app_context():
+        user = _user_or_fail(email)
+        try:
+            deactivate(user)
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{user.email} deactivated")
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--concurrency", type=int, default=None, help="Worker processes (default WORKER_CONCURRENCY, 1).")
+def run(host: str, port: int, concurrency: int | None) -> None:
+    """Serve the app with one worker and (without CELERY_BROKER_URL) the embedded broker.
+
+    For a laptop. In production run a WSGI server and `manage.py worker` separately.
+    """
+    from werkzeug.serving import run_simple
+
+    from webapp import create_app
+    from webapp.broker import BrokerUnavailable, EmbeddedBroker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Stop cleanly on SIGTERM as on Ctrl-C (and even where a shell started us with SIGINT
+    # ignored): the worker must be stopped and the broker saved before we exit.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    settings = load_config()
+    broker = None
+    url = settings["CELERY_BROKER_URL"]
+    if url == EMBEDDED_BROKER:
+        broker = EmbeddedBroker(settings["INSTANCE_PATH"])
+        try:
+            url = broker.start()
+        except BrokerUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+    worker = None
+    app = None
+    try:
+        app = create_app({"CELERY_BROKER_URL": url})
+        with app.app_context():
+            if not _schema_is_current(app):
+                raise click.ClickException("the database is not initialised or not up to date: "
+                                           "run 'python manage.py init' first")
+        command = [sys.executable, str(PROJECT_ROOT / "manage.py"), "worker", "--broker-url", url]
+        if concurrency:
+            command += ["--concurrency", str(concurrency)]
+        worker = subprocess.Popen(command)
+        click.echo(f"serving on http://{host}:{port}/ (worker pid {worker.pid}; Ctrl-C stops both)")
+        run_simple(host, port, app, threaded=True, use_reloader=False)
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        if worker is not None:
+            worker.terminate()  # warm shutdown: the current job finishes or goes back to the queue
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        if app is not None:
+            # Close Celery's broker connections before the broker itself goes away.
+            app.extensions["celery"].close()
+        if broker is not None:
+            broker.stop()
+
+
+COMMANDS = [init, users, run]

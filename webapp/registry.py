@@ -1,0 +1,98 @@
+"""The model registry's database side: record a checkpoint as a ModelVersion, activate it.
+
+Checking that a file really is a usable checkpoint needs torch, so callers (the
+`manage.py models` commands) do that with `ml/` and hand the checkpoint's metadata here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select, update
+
+from webapp.extensions import db
+from webapp.models import ModelVersion, User, audit, utcnow
+
+# Bulky training records stay in the checkpoint file, not in every registry row.
+_META_LEFT_OUT = ("history", "skipped_files", "split")
+
+
+class RegistryError(ValueError):
+    """A registration or activation that cannot be done; the message says why."""
+
+
+def _metrics(meta: dict[str, Any]) -> dict[str, float]:
+    """The validation figures at the operating threshold, flat, numbers only."""
+    val = meta.get("val_metrics") or {}
+    source = val.get("at_threshold", val) if isinstance(val, dict) else {}
+    return {k: float(v) for k, v in source.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _fingerprint(meta: dict[str, Any]) -> str | None:
+    value = meta.get("data_fingerprint")
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) == 64 else hashlib.sha256(text.encode()).hexdigest()
+
+
+def register_model_version(path: str | Path, meta: dict[str, Any], *, name: str | None = None,
+                           activate: bool = False, notes: str | None = None,
+                           actor: User | None = None, parent: ModelVersion | None = None) -> ModelVersion:
+    """Copy a checked checkpoint into the file store and record it (one transaction).
+
+    ``meta`` is the checkpoint's metadata as `ml` read it. The same file twice is refused
+    (RegistryError naming the existing version). With ``activate`` it becomes the version
+    workers use from their next task.
+    """
+    data = Path(path).read_bytes()
+    checksum = hashlib.sha256(data).hexdigest()
+    existing = db.session.scalar(select(ModelVersion).where(ModelVersion.checksum == checksum))
+    if existing is not None:
+        raise RegistryError(f"this file is already registered as version {existing.name}")
+    count = db.session.scalar(select(db.func.count()).select_from(ModelVersion))
+    name = name or f"v{count + 1}"
+    if db.session.scalar(select(ModelVersion).where(ModelVersion.name == name)) is not None:
+        raise RegistryError(f"a version named {name!r} already exists")
+    key, _ = current_app.extensions["file_store"].put(data, "models", ".pt")
+    version = ModelVersion(
+        name=name, file_key=key, checksum=checksum, threshold=float(meta["threshold"]),
+        input_size=meta.get("input_size"), metrics=_metrics(meta),
+        meta=json.loads(json.dumps({k: v for k, v in meta.items() if k not in _META_LEFT_OUT}, default=str)),
+        notes=notes, registered_by_id=actor.id if actor else None,
+        parent_id=parent.id if parent else None, data_fingerprint=_fingerprint(meta))
+    db.session.add(version)
+    db.session.flush()
+    audit("model.register", actor=actor, target=version, checksum=checksum)
+    if activate:
+        _activate(version, actor)
+    db.session.commit()
+    return version
+
+
+def _activate(version: ModelVersion, actor: User | None) -> None:
+    previous = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+    # Clear first and flush: the one-active unique index must never see two.
+    db.session.execute(update(ModelVersion).where(ModelVersion.is_active.is_(True)).values(is_active=False))
+    db.session.flush()
+    version.is_active = True
+    version.activated_at = utcnow()
+    audit("model.activate", actor=actor, target=version, previous=previous.name if previous else None)
+
+
+def activate_version(version: ModelVersion, actor: User | None = None) -> None:
+    """Make ``version`` the active one (the previous active version is kept, inactive)."""
+    if version.is_active:
+        return
+    _activate(version, actor)
+    db.session.commit()
+
+
+def find_version(name_or_id: str) -> ModelVersion | None:
+    version = db.session.scalar(select(ModelVersion).where(ModelVersion.name == name_or_id))
+    if version is None and name_or_id.isdigit():
+        version = db.session.get(ModelVersion, int(name_or_id))
+    return version
