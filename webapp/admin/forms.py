@@ -8,12 +8,12 @@ from webapp.models import ROLES
 class CreateUserForm(FlaskForm):
     email = EmailField("Email", validators=[DataRequired(), Length(max=254)])
     password = PasswordField("Initial password", validators=[DataRequired(), Length(min=10, max=200)])
-    role = SelectField("Role", choices=[(r, r) for r in ROLES], default="clinician")
+    role = SelectField("Role", choices=list(ROLES), default="clinician")
     submit = SubmitField("Create user")
 
 
 class RoleForm(FlaskForm):
-    role = SelectField("Role", choices=[(r, r) for r in ROLES])
+    role = SelectField("Role", choices=list(ROLES))
     submit = SubmitField("Change role")
 
 

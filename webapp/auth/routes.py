@@ -15,7 +15,9 @@ bp = Blueprint("auth", __name__)
 
 @login_manager.user_loader
 def load_user(user_id: str) -> User | None:
-    return db.session.get(User, int(user_id))
+    user = db.session.get(User, int(user_id))
+    # A deactivated account loses its live sessions too, not only future sign-ins.
+    return user if user is not None and user.active else None
 
 
 def _safe_next(target: str | None) -> str:
