@@ -203,7 +203,8 @@ def scorecam_weights(model: nn.Module, x: torch.Tensor, activations: torch.Tenso
     input (all zeros) is the same for every image and is scored once.
 
     ``channels_per_image`` (approximate mode) scores only that many channels per image, those
-    with the largest ``priority``; unscored channels get the mean score of the scored ones.
+    with the largest ``priority`` (default: total activation); unscored channels get the mean
+    score of the scored ones.
     """
     if score not in ("probability", "logit"):
         raise MLError(f"score must be 'probability' or 'logit', not {score!r}")
@@ -251,7 +252,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
     heatmaps in [0, 1] at the input resolution (an all-zero map when the CAM is zero
     everywhere). ``method`` is ``gradcam``, ``gradcam++``, ``scorecam`` (exact: every
     channel scored) or ``scorecam-approx`` (only the ``approx_channels`` channels with the
-    largest Grad-CAM contribution are scored; see docs/explain.md for its accuracy).
+    largest Grad-CAM contribution -- total activation for a layer without the pooled linear
+    head -- are scored; see docs/explain.md for its accuracy).
     ``target_layer`` is a module, a dotted module name (``"layer3"``, ``"layer4.0.conv2"``)
     or None for the last block of layer4.
 
@@ -280,9 +282,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
         if method.startswith("scorecam"):
             approximate = method == "scorecam-approx"
             priority = None
-            if approximate:
-                if head is None:
-                    raise MLError("scorecam-approx needs a target layer that feeds the pooled linear head (layer4)")
+            if approximate and head is not None:
+                # the channel's Grad-CAM term: its share of the logit, free from the head
                 priority = head.view(1, -1) * activations.float().mean(dim=(2, 3))
             weights = scorecam_weights(model, x, activations, scorecam_batch_size, scorecam_score,
                                        approx_channels if approximate else None, priority)
