@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ml.checkpoint import load_checkpoint
+from ml.data import scan_folder
+from ml.inference import Predictor
+from ml.metrics import threshold_metrics
+from ml.train import TrainConfig, fit
+
+
+def config(data, out, **kw):
+    base = dict(data=str(data), out=str(out), epochs=1, img_size=32, batch_size=8, seed=0,
+                progress=False, group_duplicates=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_one_epoch_writes_a_complete_checkpoint(tiny_folder, tmp_path):
+    out = tmp_path / "model.pt"
+    result = fit(config(tiny_folder, out))
+    assert out.exists() and not (tmp_path / "model.pt.resume.pt").exists()
+    meta = load_checkpoint(out)["meta"]
+    assert meta["architecture"] == "resnet18" and meta["input_size"] == 32
+    assert meta["positive_classes"] == ["cancer"] and meta["class_names"] == ["cancer", "normal"]
+    assert meta["labels"] == ["normal", "cancer"] and meta["threshold_default"] == 0.5
+    assert meta["data_fingerprint"] == scan_folder(tiny_folder).fingerprint()
+    assert meta["seed"] == 0 and meta["args"]["epochs"] == 1
+    for key in ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "f1", "accuracy"):
+        assert key in meta["val_metrics"]["at_threshold"]
+    assert result["history"][0].train_images > 0
+    json.dumps(meta)  # metadata is plain data
+
+
+def test_threshold_meets_target_sensitivity_on_validation(tiny_folder, tmp_path):
+    out = tmp_path / "m.pt"
+    fit(config(tiny_folder, out, target_sensitivity=0.75))
+    meta = load_checkpoint(out)["meta"]
+    assert meta["val_metrics"]["at_threshold"]["sensitivity"] >= 0.75
+    assert meta["target_sensitivity"] == 0.75
+
+
+def test_reload_gives_identical_predictions(tiny_folder, tmp_path):
+    out = tmp_path / "m.pt"
+    fit(config(tiny_folder, out))
+    images = sorted((tiny_folder / "cancer").glob("*.png"))[:4]
+    first = Predictor.from_checkpoint(out, "cpu").predict(images)
+    second = Predictor.from_checkpoint(out, "cpu").predict(images)
+    assert [r.probability for r in first] == [r.probability for r in second]
+
+
+def test_same_seed_same_run(tiny_folder, tmp_path):
+    a = fit(config(tiny_folder, tmp_path / "a.pt", epochs=2))
+    b = fit(config(tiny_folder, tmp_path / "b.pt", epochs=2))
+    assert [h.train_loss for h in a["history"]] == [h.train_loss for h in b["history"]]
+    wa, wb = (load_checkpoint(tmp_path / n)["state_dict"]["fc.weight"] for n in ("a.pt", "b.pt"))
+    assert torch.equal(wa, wb)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_folder, tmp_path):
+    full = fit(config(tiny_folder, tmp_path / "full.pt", epochs=3))
+
+    def stop_after_two(entry):
+        if entry.epoch == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        fit(config(tiny_folder, tmp_path / "r.pt", epochs=3), on_epoch=stop_after_two)
+    # the callback runs before the epoch's state is saved, so the run resumes at epoch 2
+    assert (tmp_path / "r.pt.resume.pt").exists()
+    resumed = fit(config(tiny_folder, tmp_path / "r.pt", epochs=3, resume=True))
+    assert [h.epoch for h in resumed["history"]] == [1, 2, 3]
+    assert [h.train_loss for h in resumed["history"]] == pytest.approx([h.train_loss for h in full["history"]])
+
+
+def test_cross_validation_reports_mean_and_sd(tiny_folder, tmp_path):
+    out = tmp_path / "cv.pt"
+    result = fit(config(tiny_folder, out, folds=3))
+    assert len(result["folds"]) == 3 and out.exists()
+    assert all((tmp_path / f"cv.fold{k}.pt").exists() for k in (1, 2, 3))
+    aucs = [r["val_metrics"]["at_threshold"]["roc_auc"] for r in result["folds"]]
+    assert result["cv"]["roc_auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert result["cv"]["roc_auc"]["sd"] == pytest.approx(np.std(aucs, ddof=1))
+
+
+def test_training_learns_an_easy_task(tmp_path):
+    from tests.ml.conftest import make_folder
+    data = make_folder(tmp_path / "d", n_per_class=24, seed=1)
+    out = tmp_path / "m.pt"
+    fit(config(data, out, epochs=6, lr=2e-3))
+    assert load_checkpoint(out)["meta"]["val_metrics"]["at_0.5"]["roc_auc"] >= 0.8
