@@ -1,0 +1,68 @@
+"""manage.py train / evaluate / predict through click, as an operator runs them."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from manage import cli
+from tests.ml.conftest import make_folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = make_folder(root / "data", n_per_class=10)
+    model = root / "model.pt"
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(model), "--epochs", "1",
+                                      "--img-size", "32", "--batch-size", "8", "--no-group-duplicates", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return data, model, result.output
+
+
+def test_train_prints_the_validation_figures(trained):
+    _, model, output = trained
+    assert model.exists()
+    assert "val roc_auc" in output and "sensitivity" in output and f"wrote {model}" in output
+
+
+def test_evaluate_writes_json_and_report(trained, tmp_path):
+    data, model, _ = trained
+    out_json, report = tmp_path / "m.json", tmp_path / "report"
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(model), "--data", str(data),
+                                      "--json", str(out_json), "--report", str(report), "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out_json.read_text())
+    for key in ("roc_auc", "roc_auc_ci", "accuracy", "sensitivity", "specificity", "precision", "f1",
+                "threshold", "n", "n_positive"):
+        assert key in metrics
+    assert metrics["n"] == 20 and metrics["n_positive"] == 10
+    c = metrics["confusion"]
+    assert c["tp"] + c["fn"] == 10 and c["tn"] + c["fp"] == 10
+    assert metrics["sensitivity"] == pytest.approx(c["tp"] / 10)
+    assert {p.name for p in report.iterdir()} == {"roc.png", "pr.png", "confusion.png", "calibration.png", "metrics.json"}
+
+
+def test_predict_one_line_per_image_and_bad_files_reported(trained, tmp_path):
+    data, model, _ = trained
+    good = sorted((data / "cancer").glob("*.png"))[:2]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    result = CliRunner().invoke(cli, ["predict", "--model", str(model), *map(str, good), str(bad)])
+    assert result.exit_code == 1
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2
+    for line, path in zip(lines, good):
+        name, prob, label, _ = line.split("\t")
+        assert name == str(path) and 0.0 <= float(prob) <= 1.0 and label in ("cancer", "normal")
+    assert "bad.png" in result.stderr
+
+
+def test_clear_errors_for_bad_model_and_bad_data(trained, tmp_path):
+    data, model, _ = trained
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(model.read_bytes()[:1000])
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(corrupt), "--data", str(data)])
+    assert result.exit_code == 1 and "truncated" in result.output and "Traceback" not in result.output
+    one_class = make_folder(tmp_path / "one", n_per_class=3, classes=("normal",))
+    result = CliRunner().invoke(cli, ["train", "--data", str(one_class), "--out", str(tmp_path / "x.pt"), "--quiet"])
+    assert result.exit_code == 1 and "only one class" in result.output
