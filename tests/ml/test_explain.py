@@ -191,7 +191,7 @@ def test_scorecam_matches_wang_et_al_including_constant_channels(tiny):
     calls = []
     handle = tiny.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     try:
-        probs, maps = explain(tiny, x, "scorecam", "features.3", scorecam_batch_size=5)
+        probs, maps = explain(tiny, x, "scorecam", "features.3", scorecam_batch_size=5, fold_batchnorm=False)
     finally:
         handle.remove()
     with torch.no_grad():
@@ -204,10 +204,13 @@ def test_scorecam_matches_wang_et_al_including_constant_channels(tiny):
 
 def test_scorecam_on_resnet_block_matches_reference(resnet):
     x = images(1, 16, seed=8)
-    _, maps = explain(resnet, x, "scorecam", "layer1", scorecam_batch_size=64)
+    _, maps = explain(resnet, x, "scorecam", "layer1", scorecam_batch_size=16)
     with torch.no_grad():
         acts = resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x)))))
     assert torch.allclose(maps[0], reference_scorecam(resnet, x[0], acts[0], 16), atol=1e-4)
+    _, unfolded = explain(resnet, x, "scorecam", "layer1", scorecam_batch_size=16, fold_batchnorm=False)
+    assert torch.allclose(maps, unfolded, atol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in resnet.modules()) == 20  # the model is untouched
 
 
 def test_approximate_scorecam_scores_only_the_chosen_channels(tiny):
@@ -220,7 +223,7 @@ def test_approximate_scorecam_scores_only_the_chosen_channels(tiny):
     calls = []
     handle = tiny.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     try:
-        scorecam_weights(tiny, x, acts, batch_size=100, channels_per_image=2)
+        scorecam_weights(tiny, x, acts, batch_size=100, channels_per_image=2, fold_batchnorm=False)
     finally:
         handle.remove()
     assert calls == [4]
