@@ -9,7 +9,7 @@ from typing import Any
 
 from flask_login import UserMixin
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, text)
+                        UniqueConstraint, false, text)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -18,6 +18,11 @@ from webapp.extensions import db
 ROLES = ("clinician", "reviewer", "admin")
 CASE_STATUSES = ("queued", "running", "done", "failed")
 LABELS = ("cancer", "normal")
+VERDICTS = ("agree", "disagree")
+CONFIDENCES = ("certain", "probable", "unsure")
+# Finer labels a reviewer may give when the truth is known in more detail, and the
+# cancer/normal label each one counts as.
+DETAILED_LABELS = {"cancer": "cancer", "normal": "normal", "malignant": "cancer", "benign": "normal"}
 
 
 def utcnow() -> datetime:
@@ -36,6 +41,8 @@ class User(UserMixin, db.Model):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Blinded review: this reviewer labels each case before seeing the model's output.
+    blinded_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password)
@@ -200,3 +207,72 @@ def audit(action: str, actor: User | None = None, target: db.Model | None = None
     )
     db.session.add(event)
     return event
+
+
+class Review(db.Model):
+    """A reviewer's current reading of one case: one row per (case, reviewer).
+
+    Every submitted version, including this one, is also kept in `ReviewRevision`.
+    `verdict` is None while a blinded review has its blind label but is not yet
+    confirmed; such a row is not a finished review (not counted, not exported).
+    `label` is the reviewer's cancer/normal answer: the model's label when they agree.
+    """
+
+    __tablename__ = "review"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("case.id", ondelete="CASCADE"), index=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("user.id"), index=True)
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("prediction.id", ondelete="SET NULL"))
+    # What the model said when the reviewer read it (the prediction row may later be re-run).
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id"))
+    model_label: Mapped[str | None] = mapped_column(String(16))
+    model_probability: Mapped[float | None] = mapped_column(Float)
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(16))
+    detailed_label: Mapped[str | None] = mapped_column(String(16))
+    confidence: Mapped[str | None] = mapped_column(String(16))
+    comment: Mapped[str | None] = mapped_column(Text)
+    reading_seconds: Mapped[float | None] = mapped_column(Float)
+    blinded: Mapped[bool] = mapped_column(Boolean, default=False)
+    blinded_label: Mapped[str | None] = mapped_column(String(16))
+    blinded_confidence: Mapped[str | None] = mapped_column(String(16))
+    blinded_seconds: Mapped[float | None] = mapped_column(Float)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+
+    case: Mapped[Case] = relationship()
+    reviewer: Mapped[User] = relationship()
+    model_version: Mapped[ModelVersion | None] = relationship()
+    revisions: Mapped[list[ReviewRevision]] = relationship(
+        back_populates="review", order_by="ReviewRevision.revision", cascade="all, delete-orphan")
+
+    __table_args__ = (UniqueConstraint("case_id", "reviewer_id"),)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.verdict is not None
+
+
+class ReviewRevision(db.Model):
+    """One submitted version of a review, never changed afterwards (append-only history)."""
+
+    __tablename__ = "review_revision"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    review_id: Mapped[int] = mapped_column(ForeignKey("review.id", ondelete="CASCADE"))
+    revision: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(16))  # "blinded" (label only) or "final"
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(16))
+    detailed_label: Mapped[str | None] = mapped_column(String(16))
+    confidence: Mapped[str | None] = mapped_column(String(16))
+    comment: Mapped[str | None] = mapped_column(Text)
+    reading_seconds: Mapped[float | None] = mapped_column(Float)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id"))
+    model_label: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    review: Mapped[Review] = relationship(back_populates="revisions")
+
+    __table_args__ = (UniqueConstraint("review_id", "revision"),)
