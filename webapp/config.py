@@ -87,6 +87,15 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "REMEMBER_COOKIE_HTTPONLY": True,
         "REMEMBER_COOKIE_SECURE": _env_bool("SESSION_COOKIE_SECURE", False),
         "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the session
+        # Review: blinded mode for every reviewer of this site (each reviewer may also turn
+        # it on for themselves); reading times above the cap count as "not measured"
+        # (the reviewer left the page open), not as a slow read.
+        "REVIEW_BLINDED": _env_bool("REVIEW_BLINDED", False),
+        "REVIEW_READING_TIME_MAX_S": _env_int("REVIEW_READING_TIME_MAX_S", 3600),
+        "REVIEW_QUEUE_PER_PAGE": _env_int("REVIEW_QUEUE_PER_PAGE", 25),
+        # Promotion gate of `manage.py retrain --promote auto`: minimum sensitivity on
+        # the locked test set at the new model's own threshold.
+        "RETRAIN_TARGET_SENSITIVITY": float(_env("RETRAIN_TARGET_SENSITIVITY", "0.90")),
         "ADMIN_EMAIL": _env("ADMIN_EMAIL"),
         "ADMIN_PASSWORD": _env("ADMIN_PASSWORD"),
         "SQLALCHEMY_TRACK_MODIFICATIONS": False,
@@ -97,8 +106,10 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if not cfg.get("SQLALCHEMY_DATABASE_URI"):
         cfg["SQLALCHEMY_DATABASE_URI"] = cfg["DATABASE_URL"] or f"sqlite:///{instance / 'app.db'}"
     uri = cfg["SQLALCHEMY_DATABASE_URI"]
-    if uri.startswith("postgres://"):  # Heroku-style URLs; SQLAlchemy wants postgresql://
-        uri = cfg["SQLALCHEMY_DATABASE_URI"] = "postgresql://" + uri[len("postgres://"):]
+    for prefix in ("postgres://", "postgresql://"):
+        # Plain URLs mean our pinned driver, psycopg2 (SQLAlchemy 2.1 would pick psycopg 3).
+        if uri.startswith(prefix):
+            uri = cfg["SQLALCHEMY_DATABASE_URI"] = "postgresql+psycopg2://" + uri[len(prefix):]
     if uri.startswith("sqlite"):
         # The web server's threads and the worker write the same file: wait for a lock
         # instead of failing at once (WAL itself is switched on per connection).

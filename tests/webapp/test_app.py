@@ -54,7 +54,7 @@ def test_environment_configures_database_and_broker(tmp_path, monkeypatch):
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://redis.example:6379/0")
     monkeypatch.setenv("MAX_UPLOAD_MB", "5")
     cfg = load_config({"INSTANCE_PATH": str(tmp_path)})
-    assert cfg["SQLALCHEMY_DATABASE_URI"] == "postgresql://u@db.example/clinic"
+    assert cfg["SQLALCHEMY_DATABASE_URI"] == "postgresql+psycopg2://u@db.example/clinic"
     assert cfg["CELERY_BROKER_URL"] == "redis://redis.example:6379/0"
     assert cfg["MAX_CONTENT_LENGTH"] == 5 * 1024 * 1024
     monkeypatch.delenv("DATABASE_URL")
