@@ -76,7 +76,7 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "CASES_PER_PAGE": _env_int("CASES_PER_PAGE", 25),
         # Explanation warnings shown on the case page.
         "BORDER_SHARE_WARNING": float(_env("BORDER_SHARE_WARNING", "0.5")),
-        "FAITHFULNESS_WARNING": float(_env("FAITHFULNESS_WARNING", "0.0")),
+        "FAITHFULNESS_WARNING": float(_env("FAITHFULNESS_WARNING", "0.05")),  # score in [-1, 1]
         # Status polling interval of the case page, in milliseconds.
         "STATUS_POLL_MS": _env_int("STATUS_POLL_MS", 1000),
         # Cookies: HttpOnly and SameSite always; Secure needs HTTPS, which a laptop
