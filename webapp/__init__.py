@@ -50,10 +50,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from webapp.admin.routes import bp as admin_bp
     from webapp.auth.routes import bp as auth_bp
     from webapp.cases.routes import bp as cases_bp
+    from webapp.review.routes import bp as reviews_bp
 
     app.register_blueprint(auth_bp)
     app.register_blueprint(cases_bp)
     app.register_blueprint(admin_bp)
+    app.register_blueprint(reviews_bp)
     errors.register(app)
 
     @app.get("/")

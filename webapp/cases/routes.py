@@ -9,6 +9,8 @@ from webapp.cases.forms import RerunForm, UploadForm
 from webapp.extensions import db
 from webapp.intake import RerunRefused, receive_uploads, rerun_case
 from webapp.models import CASE_STATUSES, LABELS, Case
+from webapp.review.forms import BlindReadForm, ReviewForm
+from webapp.reviews import REVIEWER_ROLES, needs_blind_read, review_panel
 
 bp = Blueprint("cases", __name__)
 
@@ -72,7 +74,11 @@ def upload():
 def case_page(case_id: int):
     case = _visible_case(case_id)
     cfg = current_app.config
-    return render_template("cases/detail.html", case=case, prediction=case.latest_prediction,
+    review = review_panel(case, current_user)
+    # Blinded review: no model output until the reviewer has given their own label.
+    prediction = None if review.hide_model_output else case.latest_prediction
+    return render_template("cases/detail.html", case=case, prediction=prediction, review=review,
+                           review_form=ReviewForm(), blind_form=BlindReadForm(),
                            may_rerun=_may_rerun(case), rerun_form=RerunForm(),
                            border_warning=cfg["BORDER_SHARE_WARNING"],
                            faithfulness_warning=cfg["FAITHFULNESS_WARNING"],
@@ -84,13 +90,14 @@ def case_page(case_id: int):
 def case_status(case_id: int):
     """JSON for the case page's polling script."""
     case = _visible_case(case_id)
+    hidden = current_user.has_role(*REVIEWER_ROLES) and needs_blind_read(case, current_user)
     return {
         "id": case.id,
         "status": case.status,
         "finished": case.is_finished,
         "error": case.error,
-        "label": case.label,
-        "probability": case.probability,
+        "label": None if hidden else case.label,
+        "probability": None if hidden else case.probability,
         "updated_at": case.updated_at.isoformat() + "Z",
     }
 
@@ -123,6 +130,8 @@ def case_file(case_id: int, kind: str):
     if kind == "image":
         key = case.image_key
     else:
+        if current_user.has_role(*REVIEWER_ROLES) and needs_blind_read(case, current_user):
+            abort(403, description="Blinded review: give your own label before the heatmap is shown.")
         prediction = case.latest_prediction
         key = getattr(prediction, _KINDS[kind]) if prediction else None
     store = current_app.extensions["file_store"]

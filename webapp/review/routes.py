@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+
+from webapp.auth.roles import role_required
+from webapp.extensions import db
+from webapp.models import Case
+from webapp.review.forms import BlindedSettingForm, BlindReadForm, ReviewForm
+from webapp.review_stats import review_statistics
+from webapp.reviews import (QUEUE_SORTS, REVIEWER_ROLES, ReviewRejected, blinded_for, record_blind_read,
+                            review_queue, set_blinded_review, submit_review)
+
+bp = Blueprint("reviews", __name__)
+
+
+def _case(case_id: int) -> Case:
+    case = db.session.get(Case, case_id)
+    if case is None:
+        abort(404, description="No such case.")
+    return case
+
+
+def _form_checked(form) -> None:
+    if not form.validate_on_submit():
+        errors = "; ".join(f"{getattr(form, name).label.text}: {', '.join(msgs)}" for name, msgs in form.errors.items())
+        abort(400, description=f"The review form was not accepted ({errors or 'incomplete'}). "
+                               "Nothing was saved; go back, correct it and submit again.")
+
+
+@bp.get("/reviews")
+@role_required(*REVIEWER_ROLES)
+def queue():
+    sort = request.args.get("sort") or "uncertain"
+    try:
+        page = int(request.args.get("page") or 1)
+        items, more = review_queue(current_user, sort, page, current_app.config["REVIEW_QUEUE_PER_PAGE"])
+    except (ValueError, ReviewRejected) as exc:
+        abort(400, description=str(exc) if isinstance(exc, ReviewRejected) else "the page must be a number")
+    return render_template("reviews/queue.html", items=items, more=more, page=page, sort=sort, sorts=QUEUE_SORTS,
+                           blinded=blinded_for(current_user), site_blinded=current_app.config["REVIEW_BLINDED"],
+                           setting_form=BlindedSettingForm(blinded=current_user.blinded_review))
+
+
+@bp.post("/cases/<int:case_id>/review")
+@role_required(*REVIEWER_ROLES)
+def review(case_id: int):
+    case, form = _case(case_id), ReviewForm()
+    _form_checked(form)
+    try:
+        saved = submit_review(case, current_user, form.verdict.data, form.label.data, form.confidence.data,
+                              form.comment.data, form.opened.data)
+    except ReviewRejected as exc:
+        abort(400, description=f"Review not saved: {exc}.")
+    flash(f"Review saved ({saved.verdict}, {saved.label}).", "info")
+    return redirect(url_for("cases.case_page", case_id=case.id), 303)
+
+
+@bp.post("/cases/<int:case_id>/review/blind")
+@role_required(*REVIEWER_ROLES)
+def blind_read(case_id: int):
+    case, form = _case(case_id), BlindReadForm()
+    _form_checked(form)
+    try:
+        record_blind_read(case, current_user, form.label.data, form.confidence.data, form.opened.data)
+    except ReviewRejected as exc:
+        abort(400, description=f"Label not saved: {exc}.")
+    flash("Your label is saved. Now compare it with the model's output and confirm your review.", "info")
+    return redirect(url_for("cases.case_page", case_id=case.id), 303)
+
+
+@bp.post("/reviews/settings")
+@role_required(*REVIEWER_ROLES)
+def settings():
+    form = BlindedSettingForm()
+    _form_checked(form)
+    set_blinded_review(current_user, bool(form.blinded.data))
+    flash("Blinded review is " + ("on." if form.blinded.data else "off."), "info")
+    return redirect(url_for("reviews.queue"), 303)
+
+
+@bp.get("/admin/review-statistics")
+@role_required("admin")
+def statistics():
+    return render_template("reviews/statistics.html", stats=review_statistics())
