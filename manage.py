@@ -11,7 +11,7 @@ import importlib
 
 import click
 
-COMMAND_MODULES = ("ml.cli", "ml.explain_cli", "webapp.cli", "worker.cli")
+COMMAND_MODULES = ("ml.cli", "ml.explain_cli", "webapp.cli", "worker.cli", "worker.review_cli")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

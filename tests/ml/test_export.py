@@ -1,0 +1,134 @@
+"""ml/export: metadata-free ImageFolder export, safe re-runs, and the training-data merge."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from ml.export import (MANIFEST_FIELDS, ExportError, FeedbackImage, clean_png, merge_training_data,
+                       write_feedback_folder)
+
+
+def _jpeg_with_exif(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "ScannerCorp"      # Make
+    exif[0x0110] = "PATIENT-NAME-42"  # Model, standing in for identifying tags
+    exif[0x0112] = 6                  # Orientation: rotate 90 degrees
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", exif=exif, quality=95)
+    return buffer.getvalue()
+
+
+def _png_with_text(seed: int = 1) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("PatientName", "Jane Doe")
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 30), seed * 40, dtype=np.uint8), mode="L").save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest(folder: Path) -> list[dict]:
+    with (folder / "manifest.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_clean_png_drops_exif_and_text_but_keeps_pixels_and_orientation():
+    jpeg = _jpeg_with_exif()
+    out = Image.open(io.BytesIO(clean_png(jpeg)))
+    assert out.format == "PNG" and out.size == (24, 32)  # orientation applied: rotated
+    assert not out.info.get("exif") and not out.getexif() and b"PATIENT" not in clean_png(jpeg)
+    png = clean_png(_png_with_text())
+    assert b"Jane Doe" not in png and b"tEXt" not in png and b"iTXt" not in png
+    assert Image.open(io.BytesIO(png)).mode == "L"
+    with pytest.raises(ExportError):
+        clean_png(b"not an image")
+
+
+def test_folder_and_manifest_exactly_and_reruns_are_safe(tmp_path):
+    a, b = _jpeg_with_exif(), _png_with_text()
+    items = [FeedbackImage(7, b, "normal", _sha(b), "reviewer-corrected", 3, 1, 2, "cancer", "v1", "2026-01-01T10:00:00", "2026-01-02T10:00:00"),
+             FeedbackImage(3, a, "cancer", _sha(a), "model-confirmed", 1, 1, 0, "cancer", "v1", "2026-01-01T09:00:00", "2026-01-01T09:00:00")]
+    out = tmp_path / "export"
+    first = write_feedback_folder(items, out)
+    assert (first.written, first.unchanged, first.removed, first.per_label) == (2, 0, 0, {"cancer": 1, "normal": 1})
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "cancer/case-000003.png", "manifest.csv", "normal/case-000007.png"]
+    rows = _manifest(out)
+    assert list(rows[0]) == list(MANIFEST_FIELDS)
+    assert [(r["case_id"], r["file"], r["label"], r["source"], r["n_reviews"], r["votes_cancer"], r["votes_normal"])
+            for r in rows] == [("3", "cancer/case-000003.png", "cancer", "model-confirmed", "1", "1", "0"),
+                               ("7", "normal/case-000007.png", "normal", "reviewer-corrected", "3", "1", "2")]
+    assert rows[0]["sha256"] == _sha(a) and rows[0]["file_sha256"] == _sha((out / rows[0]["file"]).read_bytes())
+    before = (out / "manifest.csv").read_bytes()
+
+    again = write_feedback_folder(items, out)
+    assert (again.written, again.unchanged, again.removed) == (0, 2, 0)
+    assert (out / "manifest.csv").read_bytes() == before
+
+    # case 3 relabelled by later reviews, case 7 no longer selected; a user's own file stays
+    (out / "normal" / "mine.png").write_bytes(b"x")
+    moved = [FeedbackImage(3, a, "normal", _sha(a), "reviewer-corrected", 2, 0, 2, "cancer", "v1")]
+    third = write_feedback_folder(moved, out)
+    assert (third.written, third.removed) == (1, 2)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "manifest.csv", "normal/case-000003.png", "normal/mine.png"]
+
+
+def test_bad_label_or_duplicate_case_writes_nothing(tmp_path):
+    data = _png_with_text()
+    with pytest.raises(ExportError, match="not one of cancer, normal"):
+        write_feedback_folder([FeedbackImage(1, data, "benign", _sha(data))], tmp_path / "x")
+    with pytest.raises(ExportError, match="twice"):
+        write_feedback_folder([FeedbackImage(1, data, "normal", "s"), FeedbackImage(1, data, "normal", "s")], tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16), value, dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_merge_dedupes_by_sha256_feedback_wins_and_locked_test_stays_out(tmp_path):
+    base, locked, feedback = tmp_path / "base", tmp_path / "locked", tmp_path / "feedback"
+    for folder, name, value in [(base, "malignant/a.png", 10), (base, "benign/b.png", 20), (base, "normal/c.png", 30),
+                                (base, "normal/c-copy.png", 30), (base, "benign/held.png", 40),
+                                (locked, "normal/held.png", 40), (locked, "malignant/z.png", 50)]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(_png(value))
+    # reviewers: b (base says benign) is cancer; z is a locked-test image uploaded as a case
+    items = [FeedbackImage(1, _png(20), "cancer", _sha(_png(20))), FeedbackImage(2, _png(50), "cancer", _sha(_png(50))),
+             FeedbackImage(3, _png(60), "normal", _sha(_png(60)))]
+    write_feedback_folder(items, feedback)
+    merged = merge_training_data(base, feedback, locked, tmp_path / "train")
+    assert (merged.n_base, merged.n_feedback) == (2, 2)  # a, c | b (relabelled), new image 60
+    assert merged.duplicates_removed == 2 and merged.relabelled_by_feedback == 1
+    assert merged.left_out_locked_test == 2  # held.png from base, z from feedback
+    assert merged.per_label == {"cancer": 2, "normal": 2}
+    train = {p.parent.name + "/" + p.stem for p in (tmp_path / "train").rglob("*.png")}
+    assert train == {f"cancer/{_sha(_png(10))}", f"cancer/{_sha(_png(20))}",
+                     f"normal/{_sha(_png(30))}", f"normal/{_sha(_png(60))}"}
+    locked_digests = {_sha(p.read_bytes()) for p in locked.rglob("*.png")}
+    assert not locked_digests & {_sha(p.read_bytes()) for p in (tmp_path / "train").rglob("*.png")}
+    again = merge_training_data(base, feedback, locked, tmp_path / "train")
+    assert again.fingerprint == merged.fingerprint and len(merged.fingerprint) == 64
+
+
+def test_export_module_does_not_import_torch():
+    code = "import ml.export, sys; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.stdout.strip() == "False", result.stderr

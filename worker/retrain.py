@@ -1,0 +1,232 @@
+"""The learning loop: feedback export -> merge with base data -> train -> evaluate on the
+locked test set -> register -> promotion gate. `manage.py retrain` only parses and calls
+`retrain`; the model registry commands call `promote` and `rollback`.
+
+Runs inside the Flask app context; imports torch (through ml.train) only when called.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select
+
+from webapp.extensions import db
+from webapp.models import AuditEvent, ModelVersion, User, audit
+from webapp.registry import RegistryError, activate_version, register_model_version
+from worker.feedback import FeedbackExport, export_feedback
+
+PROMOTE_MODES = ("auto", "never", "force")
+INIT_MODES = ("active", "imagenet", "none")
+# The figures compared side by side, in the order printed.
+COMPARED = ("roc_auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "threshold", "n", "n_positive")
+
+
+class RetrainError(ValueError):
+    """The retraining cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class PromotionDecision:
+    promote: bool
+    reasons: list[str]
+
+
+@dataclass
+class RetrainOutcome:
+    version: ModelVersion
+    previous: ModelVersion | None
+    candidate_metrics: dict[str, Any]
+    active_metrics: dict[str, Any] | None
+    decision: PromotionDecision
+    feedback: FeedbackExport
+    merge: Any
+    report_files: list[Path] = field(default_factory=list)
+
+
+def _number(metrics: dict | None, key: str) -> float:
+    value = (metrics or {}).get(key)
+    return float("nan") if value is None else float(value)
+
+
+def promotion_decision(candidate: dict[str, Any], active: dict[str, Any] | None, target_sensitivity: float,
+                       mode: str = "auto") -> PromotionDecision:
+    """Whether the candidate becomes active, and why, from locked-test metrics.
+
+    ``auto`` promotes only if the candidate's ROC-AUC is not lower than the active
+    model's (no active model: nothing to beat) and its sensitivity at its own threshold
+    is at least ``target_sensitivity``; a metric that could not be computed fails.
+    ``never`` registers only; ``force`` promotes and lists what the gate would have said.
+    """
+    if mode not in PROMOTE_MODES:
+        raise RetrainError(f"--promote must be one of {', '.join(PROMOTE_MODES)}")
+    failures = []
+    auc, sens = _number(candidate, "roc_auc"), _number(candidate, "sensitivity")
+    if active is not None:
+        active_auc = _number(active, "roc_auc")
+        if math.isnan(auc) or (not math.isnan(active_auc) and auc < active_auc):
+            failures.append(f"ROC-AUC {auc:.3f} is lower than the active model's {active_auc:.3f}")
+    elif math.isnan(auc):
+        failures.append("ROC-AUC could not be computed on the locked test set")
+    if math.isnan(sens) or sens < target_sensitivity:
+        failures.append(f"sensitivity {sens:.3f} at its threshold is below the target {target_sensitivity:.3f}")
+    if mode == "never":
+        return PromotionDecision(False, ["--promote never: registered only"] + failures)
+    if mode == "force":
+        return PromotionDecision(True, ["--promote force: gate not applied"] + failures)
+    if failures:
+        return PromotionDecision(False, failures)
+    return PromotionDecision(True, ["ROC-AUC not lower than the active model's and sensitivity meets the target"])
+
+
+def _clean(result: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation results as JSON-safe values (NaN as null, raw score arrays dropped)."""
+    from ml.evaluate import to_json
+
+    data = json.loads(to_json(result))
+    data.pop("calibration", None)
+    data.pop("model", None)
+    return data
+
+
+def _folder_fingerprint(folder: str | Path) -> str:
+    from ml.export import locked_test_digests
+
+    return hashlib.sha256("\n".join(sorted(locked_test_digests(folder))).encode()).hexdigest()
+
+
+def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path, *, epochs: int = 10,
+            init: str = "active", promote: str = "auto", img_size: int | None = None, batch_size: int = 32,
+            seed: int = 0, min_reviews: int = 1, consensus_rule: str = "majority",
+            target_sensitivity: float | None = None, n_boot: int = 1000, name: str | None = None,
+            actor: User | None = None) -> RetrainOutcome:
+    """Run the whole loop once and return what happened (see the module docstring).
+
+    The new version is registered whatever the decision (with its parent, data
+    fingerprint, locked-test metrics and ROC curve), so a refused model can still be
+    inspected or promoted by hand later. Raises RetrainError or ml.MLError for input
+    an admin can fix; nothing is registered then.
+    """
+    from ml.evaluate import evaluate_folder, write_report
+    from ml.export import merge_training_data
+    from ml.checkpoint import load_checkpoint
+    from ml.train import TrainConfig, fit
+
+    if init not in INIT_MODES:
+        raise RetrainError(f"--init must be one of {', '.join(INIT_MODES)}")
+    if promote not in PROMOTE_MODES:
+        raise RetrainError(f"--promote must be one of {', '.join(PROMOTE_MODES)}")
+    target = current_app.config["RETRAIN_TARGET_SENSITIVITY"] if target_sensitivity is None else target_sensitivity
+    store = current_app.extensions["file_store"]
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    active = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+    if init == "active" and active is None:
+        raise RetrainError("--init active: there is no active model to start from; use --init imagenet or none")
+    active_path = store.path(active.file_key) if active is not None else None
+
+    feedback = export_feedback(work / "feedback", min_reviews=min_reviews, rule=consensus_rule)
+    merge = merge_training_data(base_data, work / "feedback", locked_test, work / "train")
+    size = img_size or (active.input_size if active is not None and active.input_size else 224)
+    checkpoint = work / "candidate.pt"
+    checkpoint.unlink(missing_ok=True)
+    cfg = TrainConfig(data=str(work / "train"), out=str(checkpoint), epochs=epochs,
+                      weights=str(active_path) if init == "active" else init, img_size=size,
+                      batch_size=batch_size, seed=seed, target_sensitivity=target, progress=False)
+    fit(cfg)
+
+    candidate_eval = evaluate_folder(checkpoint, locked_test, n_boot=n_boot)
+    candidate_metrics = _clean(candidate_eval)
+    active_metrics = _clean(evaluate_folder(active_path, locked_test, n_boot=n_boot)) if active is not None else None
+    report_files = write_report(candidate_eval, work / "report")
+    roc_key, _ = store.put((work / "report" / "roc.png").read_bytes(), "reports", ".png")
+    decision = promotion_decision(candidate_metrics, active_metrics, target, promote)
+
+    meta = dict(load_checkpoint(checkpoint)["meta"])
+    meta.update({
+        "data_fingerprint": merge.fingerprint,
+        "locked_test": dict(candidate_metrics, fingerprint=_folder_fingerprint(locked_test)),
+        "compared_with": {"version": active.name, "locked_test": active_metrics} if active is not None else None,
+        "training_data": {"base_data": str(base_data), "n_base": merge.n_base, "n_feedback": merge.n_feedback,
+                          "duplicates_removed": merge.duplicates_removed,
+                          "relabelled_by_feedback": merge.relabelled_by_feedback,
+                          "left_out_locked_test": merge.left_out_locked_test, "per_label": merge.per_label,
+                          "feedback_left_out": dict(feedback.left_out), "init": init, "epochs": epochs},
+        "roc_key": roc_key,
+        "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
+                      "target_sensitivity": target},
+    })
+    try:
+        version = register_model_version(checkpoint, meta, name=name, actor=actor, parent=active,
+                                         notes=f"retrained from {active.name if active else 'scratch'} with "
+                                               f"{merge.n_feedback} reviewed case(s)")
+    except RegistryError as exc:
+        raise RetrainError(f"not registered: {exc}") from None
+    if decision.promote:
+        audit("model.promote", actor=actor, target=version, mode=promote, reasons=decision.reasons,
+              previous=active.name if active else None)
+        activate_version(version, actor)  # commits the activation and the audit events together
+    else:
+        audit("model.promotion_refused", actor=actor, target=version, mode=promote, reasons=decision.reasons)
+        db.session.commit()
+    return RetrainOutcome(version, active, candidate_metrics, active_metrics, decision, feedback, merge, report_files)
+
+
+def comparison_table(outcome: RetrainOutcome) -> list[str]:
+    """Side-by-side lines: metric, active model, new model (locked test set)."""
+    active_name = outcome.previous.name if outcome.previous else "(none)"
+    lines = [f"{'locked test set':16} {active_name + ' (active)':>18} {outcome.version.name + ' (new)':>18}"]
+
+    def fmt(metrics, key):
+        value = (metrics or {}).get(key)
+        if value is None:
+            return "–"
+        return f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
+
+    for key in COMPARED:
+        lines.append(f"{key:16} {fmt(outcome.active_metrics, key):>18} {fmt(outcome.candidate_metrics, key):>18}")
+    ci = outcome.candidate_metrics.get("roc_auc_ci") or [None, None]
+    if None not in ci:
+        lines.append(f"{'new ROC-AUC 95% CI':16} {'':>18} {f'{ci[0]:.3f}-{ci[1]:.3f}':>18}")
+    verdict = "PROMOTED: now the active model" if outcome.decision.promote else "NOT PROMOTED"
+    lines.append(f"decision: {verdict} ({'; '.join(outcome.decision.reasons)})")
+    return lines
+
+
+def promote(name_or_id: str, actor: User | None = None) -> ModelVersion:
+    """Make a registered version active by hand (audited); RetrainError if unknown."""
+    from webapp.registry import find_version
+
+    version = find_version(name_or_id)
+    if version is None:
+        raise RetrainError(f"no model version {name_or_id!r}; see 'manage.py models list'")
+    if version.is_active:
+        raise RetrainError(f"{version.name} is already the active model")
+    previous = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+    audit("model.promote", actor=actor, target=version, mode="manual", previous=previous.name if previous else None)
+    activate_version(version, actor)
+    return version
+
+
+def rollback(actor: User | None = None) -> ModelVersion:
+    """Make the version that was active before the current one active again (audited)."""
+    from webapp.registry import find_version
+
+    active = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+    if active is None:
+        raise RetrainError("no model is active, so there is nothing to roll back")
+    event = db.session.scalar(select(AuditEvent).where(
+        AuditEvent.action == "model.activate", AuditEvent.target_type == "model_version",
+        AuditEvent.target_id == active.id).order_by(AuditEvent.id.desc()).limit(1))
+    previous_name = (event.details or {}).get("previous") if event is not None else None
+    previous = find_version(previous_name) if previous_name else None
+    if previous is None:
+        raise RetrainError(f"{active.name} has no earlier active version to roll back to")
+    audit("model.rollback", actor=actor, target=previous, from_version=active.name)
+    activate_version(previous, actor)
+    return previous

@@ -1,0 +1,164 @@
+"""`manage.py export-feedback`, `manage.py retrain` and `manage.py models list|show|promote|rollback`:
+parse, then delegate to worker.feedback and worker.retrain.
+
+The `models` subcommands join the group that worker.cli defines (next to `register`).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime
+
+import click
+
+from worker.cli import models
+
+
+@contextmanager
+def _app_context():
+    from webapp import create_app
+
+    app = create_app()
+    with app.app_context():
+        yield app
+
+
+def _date(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD or YYYY-MM-DDTHH:MM)", param_hint="--since") from None
+
+
+@click.command("export-feedback")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="ImageFolder to write (re-running into it is safe)")
+@click.option("--since", help="only cases reviewed on or after this date (YYYY-MM-DD, UTC)")
+@click.option("--min-reviews", default=1, show_default=True, type=click.IntRange(1), help="leave out cases with fewer reviews")
+@click.option("--consensus", "rule", default="majority", show_default=True, type=click.Choice(["majority", "unanimous"]))
+def export_feedback_command(out_dir: str, since: str | None, min_reviews: int, rule: str) -> None:
+    """Write reviewed cases as cancer/ and normal/ folders plus manifest.csv."""
+    from ml import MLError
+    from worker.feedback import describe, export_feedback
+
+    since_at = _date(since)
+    with _app_context():
+        try:
+            export = export_feedback(out_dir, since_at, min_reviews, rule)
+        except MLError as exc:
+            raise click.ClickException(str(exc)) from None
+    for line in describe(export):
+        click.echo(line)
+    click.echo(f"wrote {out_dir}")
+
+
+@click.command()
+@click.option("--base-data", required=True, type=click.Path(exists=True, file_okay=False), help="ImageFolder of the original training data")
+@click.option("--locked-test", required=True, type=click.Path(exists=True, file_okay=False), help="ImageFolder never trained on; both models are compared on it")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--init", default="active", show_default=True, type=click.Choice(["active", "imagenet", "none"]), help="starting weights")
+@click.option("--promote", default="auto", show_default=True, type=click.Choice(["auto", "never", "force"]))
+@click.option("--img-size", type=click.IntRange(16, 4096), help="input size (default: the active model's)")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
+@click.option("--min-reviews", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--consensus", "rule", default="majority", show_default=True, type=click.Choice(["majority", "unanimous"]))
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1), help="gate for --promote auto (default RETRAIN_TARGET_SENSITIVITY, 0.90)")
+@click.option("--work-dir", type=click.Path(file_okay=False), help="keep the export, merged data and report here (default: a temporary folder)")
+@click.option("--name", help="name of the new version (default v1, v2, ...)")
+def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size, min_reviews, rule,
+            target_sensitivity, work_dir, name) -> None:
+    """Export feedback, merge with base data, train, compare on the locked test set, register, gate."""
+    from ml import MLError
+    from worker.retrain import RetrainError, comparison_table
+    from worker.retrain import retrain as run_retrain
+
+    with _app_context(), tempfile.TemporaryDirectory(prefix="retrain-") as scratch:
+        try:
+            outcome = run_retrain(base_data, locked_test, work_dir or scratch, epochs=epochs, init=init,
+                                  promote=promote, img_size=img_size, batch_size=batch_size,
+                                  min_reviews=min_reviews, consensus_rule=rule,
+                                  target_sensitivity=target_sensitivity, name=name)
+        except (RetrainError, MLError) as exc:
+            raise click.ClickException(f"retraining stopped: {exc}") from None
+        m = outcome.merge
+        click.echo(f"training data: {m.n_base} base + {m.n_feedback} reviewed image(s); {m.duplicates_removed} "
+                   f"duplicate(s) removed, {m.relabelled_by_feedback} relabelled by reviewers, "
+                   f"{m.left_out_locked_test} left out as locked-test images")
+        click.echo(f"registered {outcome.version.name} (parent {outcome.previous.name if outcome.previous else 'none'}, "
+                   f"data {outcome.version.data_fingerprint[:12]})")
+        for line in comparison_table(outcome):
+            click.echo(line)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+@models.command("list")
+def models_list() -> None:
+    """List model versions: active mark, parent, threshold, validation and locked-test ROC-AUC."""
+    from sqlalchemy import select
+
+    from webapp.extensions import db
+    from webapp.models import ModelVersion
+
+    with _app_context():
+        versions = db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+        if not versions:
+            click.echo("no model versions; register one with 'manage.py models register PATH'")
+        for v in versions:
+            locked = (v.meta or {}).get("locked_test") or {}
+            click.echo(f"{'*' if v.is_active else ' '} {v.name:12} parent {v.parent.name if v.parent else '-':10} "
+                       f"threshold {v.threshold:.3f}  val roc_auc {_fmt(v.metrics.get('roc_auc'))}  "
+                       f"locked-test roc_auc {_fmt(locked.get('roc_auc'))}  {v.created_at:%Y-%m-%d %H:%M}")
+
+
+@models.command("show")
+@click.argument("version")
+def models_show(version: str) -> None:
+    """Everything recorded about one version (name or id)."""
+    from webapp.registry import find_version
+
+    with _app_context():
+        v = find_version(version)
+        if v is None:
+            raise click.ClickException(f"no model version {version!r}; see 'manage.py models list'")
+        click.echo(json.dumps({
+            "name": v.name, "active": v.is_active, "parent": v.parent.name if v.parent else None,
+            "threshold": v.threshold, "input_size": v.input_size, "checksum": v.checksum,
+            "data_fingerprint": v.data_fingerprint, "created_at": v.created_at.isoformat(timespec="seconds"),
+            "validation_metrics": v.metrics, "notes": v.notes,
+            **{k: v.meta.get(k) for k in ("locked_test", "compared_with", "training_data", "promotion") if v.meta.get(k)},
+        }, indent=2, default=str))
+
+
+@models.command("promote")
+@click.argument("version")
+def models_promote(version: str) -> None:
+    """Make VERSION the active model; workers use it from their next case."""
+    from worker.retrain import RetrainError, promote
+
+    with _app_context():
+        try:
+            v = promote(version)
+        except RetrainError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{v.name} is now the active model")
+
+
+@models.command("rollback")
+def models_rollback() -> None:
+    """Make the previously active version active again."""
+    from worker.retrain import RetrainError, rollback
+
+    with _app_context():
+        try:
+            v = rollback()
+        except RetrainError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"rolled back: {v.name} is the active model again")
+
+
+COMMANDS = [export_feedback_command, retrain]
