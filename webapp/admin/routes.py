@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, send_file, url_for
 from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
@@ -9,7 +9,9 @@ from webapp.accounts import AccountError, create_user, deactivate, set_role
 from webapp.admin.forms import CreateUserForm, DeactivateForm, RoleForm
 from webapp.auth.roles import role_required
 from webapp.extensions import db
+from webapp.model_card import model_card
 from webapp.models import ROLES, AuditEvent, ModelVersion, User
+from webapp.registry import find_version
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -81,6 +83,29 @@ def users_deactivate(user_id: int):
 def models():
     versions = db.session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc())).all()
     return render_template("admin/models.html", versions=versions)
+
+
+def _version(name: str) -> ModelVersion:
+    version = find_version(name)
+    if version is None:
+        abort(404, description=f"No model version {name!r}.")
+    return version
+
+
+@bp.get("/models/<name>")
+@role_required("admin")
+def model_detail(name: str):
+    return render_template("admin/model_detail.html", card=model_card(_version(name)))
+
+
+@bp.get("/models/<name>/roc.png")
+@role_required("admin")
+def model_roc(name: str):
+    key = (_version(name).meta or {}).get("roc_key")
+    store = current_app.extensions["file_store"]
+    if not key or not store.exists(key):
+        abort(404, description="This version has no ROC curve (it was not evaluated by 'manage.py retrain').")
+    return send_file(store.path(key), mimetype="image/png", max_age=3600)
 
 
 @bp.get("/audit")
