@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from ml.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from ml.model import build_model  # noqa: E402
 from ml.train import TrainConfig, fit  # noqa: E402
 
@@ -68,10 +68,18 @@ def main() -> None:
     ap.add_argument("--random-split", action="store_true", help="do not group near-duplicates (inflated figures)")
     ap.add_argument("--save-demo", help="also write the best model as a float16 demo checkpoint here")
     ap.add_argument("--json", help="write the printed figures as JSON here")
+    ap.add_argument("--demo-only", action="store_true",
+                    help="skip training: only convert an existing --out checkpoint for --save-demo")
     args = ap.parse_args()
 
     if not Path(args.data).is_dir():
         sys.exit(f"no BUSI data at {args.data} (pass --data)")
+    cfg = TrainConfig(data=args.data, out=args.out, epochs=args.epochs, img_size=args.img_size,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, patience=10_000,
+                      time_limit_min=args.minutes, group_duplicates=not args.random_split,
+                      weights="none", progress=False)
+    if args.demo_only:
+        return save_demo(cfg, args.save_demo)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, img {args.img_size}px, "
           f"batch {args.batch_size}, budget {args.minutes} min", flush=True)
     # This machine is shared, so speed drifts: sample the bare step between epochs and pair
@@ -79,10 +87,6 @@ def main() -> None:
     bare = BareStep(args.batch_size, args.img_size)
     pairs: list[tuple[float, float]] = []
 
-    cfg = TrainConfig(data=args.data, out=args.out, epochs=args.epochs, img_size=args.img_size,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, patience=10_000,
-                      time_limit_min=args.minutes, group_duplicates=not args.random_split,
-                      weights="none", progress=False)
     t0 = time.perf_counter()
 
     def show(e) -> None:
@@ -122,13 +126,36 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     if args.save_demo:
-        payload = load_checkpoint(args.out)
-        model = build_model("none")
-        model.load_state_dict({k: v.float() for k, v in payload["state_dict"].items()})
-        meta = dict(payload["meta"], demo=True, note="research demo, not for clinical use",
-                    made_by=" ".join(sys.argv))
-        save_checkpoint(args.save_demo, model, meta, half=True)
-        print(f"demo checkpoint (float16): {args.save_demo}")
+        save_demo(cfg, args.save_demo)
+
+
+def save_demo(cfg: TrainConfig, demo_path: str) -> None:
+    """Store the best model as float16 and re-pick its operating threshold with the
+    float16 weights on the same validation split (the split is rebuilt from the seed)."""
+    from ml.data import cache_images, near_duplicate_groups, scan_folder, train_val_split
+    from ml.metrics import summarise, threshold_for_sensitivity
+    from ml.train import evaluate
+
+    payload = load_checkpoint(cfg.out)
+    model = build_model("none")
+    model.load_state_dict({k: v.float() for k, v in payload["state_dict"].items()})
+    meta = dict(payload["meta"], demo=True, note="research demo, not for clinical use",
+                made_by=" ".join(sys.argv))
+    save_checkpoint(demo_path, model, meta, half=True)
+    half_model, _ = load_model(demo_path)
+    cache = cache_images(scan_folder(cfg.data), cfg.img_size)
+    y = cache.targets.numpy().astype(int)
+    groups = near_duplicate_groups(cache.images) if cfg.group_duplicates else None
+    _, val_idx = train_val_split(y, cfg.val_split, cfg.seed, groups)
+    probs, _ = evaluate(half_model, cache.images[val_idx], None, 64, torch.device("cpu"))
+    threshold = threshold_for_sensitivity(y[val_idx], probs, cfg.target_sensitivity)
+    meta["threshold"] = threshold
+    meta["val_metrics"] = dict(meta["val_metrics"], at_threshold=summarise(y[val_idx], probs, threshold),
+                               threshold_picked_on="float16 weights")
+    save_checkpoint(demo_path, model, meta, half=True)
+    m = meta["val_metrics"]["at_threshold"]
+    print(f"demo checkpoint (float16): {demo_path}; threshold {threshold:.4f}: val roc_auc {m['roc_auc']:.3f}, "
+          f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}")
 
 
 if __name__ == "__main__":

@@ -95,10 +95,9 @@ def threshold_metrics(y: Sequence, scores: Sequence, threshold: float) -> dict[s
 
 
 def threshold_for_sensitivity(y: Sequence, scores: Sequence, target: float = 0.90) -> float:
-    """Highest threshold whose sensitivity on (y, scores) is at least ``target``.
-
-    The highest such threshold keeps specificity as high as the target allows.
-    """
+    """A threshold whose sensitivity on (y, scores) is at least ``target`` with the highest
+    specificity that allows; it lies half-way between the lowest positive score that must
+    be included and the next lower score."""
     y, s = _arrays(y, scores)
     pos = np.sort(s[y == 1])[::-1]
     if len(pos) == 0:
@@ -106,7 +105,11 @@ def threshold_for_sensitivity(y: Sequence, scores: Sequence, target: float = 0.9
     if not 0.0 < target <= 1.0:
         raise ValueError("target sensitivity must be in (0, 1]")
     needed = math.ceil(target * len(pos) - 1e-9)
-    return float(pos[needed - 1])
+    cut = float(pos[needed - 1])
+    # Half-way to the next lower score rather than on the positive itself: the same
+    # validation figures, but a margin against tiny score shifts (float16 weights, BLAS).
+    below = s[s < cut]
+    return (cut + float(below.max())) / 2 if len(below) else cut
 
 
 def bootstrap_ci(y: Sequence, scores: Sequence, metric=roc_auc, n_boot: int = 1000,

@@ -74,16 +74,24 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 class WarmupCosine:
-    """Linear warm-up then cosine decay to 1% of the base rate, per batch. ``total_steps``
-    may be shortened after the first epoch so that a time-limited run still decays fully."""
+    """Linear warm-up then cosine decay to 1% of the base rate, per batch.
 
-    def __init__(self, total_steps: int, warmup_steps: int):
+    With ``time_budget_s`` the decay follows the wall clock instead of the step count, so a
+    time-limited run ends at a low rate however fast this (possibly shared) machine runs.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, time_budget_s: float | None = None):
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.time_budget_s = time_budget_s
+        self.started = time.monotonic()
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.time_budget_s:
+            progress = min(1.0, (time.monotonic() - self.started) / self.time_budget_s)
+        else:
+            progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -189,9 +197,9 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     eval_criterion = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(train_idx) // cfg.batch_size)
-    schedule = WarmupCosine(steps * cfg.epochs, warmup_steps=steps)
+    budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
+    schedule = WarmupCosine(steps * cfg.epochs, warmup_steps=steps, time_budget_s=budget_s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    planned_epochs = cfg.epochs
     resume_path = out.with_name(out.name + ".resume.pt")
 
     history: list[EpochLog] = []
@@ -209,26 +217,18 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
         history = [EpochLog(**h) for h in json.loads(state["history"])]
         best, stale = json.loads(state["best"]), int(state["stale"])
         start_epoch = int(state["epoch"]) + 1
-        planned_epochs = int(state.get("planned_epochs", cfg.epochs))
-        schedule.total_steps = steps * planned_epochs
         log.info("resumed from %s at epoch %d", resume_path, start_epoch)
 
     started = time.monotonic()
+    schedule.started = started
     epoch = start_epoch
-    while epoch <= planned_epochs:
+    while epoch <= cfg.epochs:
         t0 = time.perf_counter()
         loss, acc, seen = train_one_epoch(model, x_train, y_train, optimizer, scheduler, criterion,
                                           cfg.batch_size, generator, device, augment=cfg.augment,
-                                          progress=cfg.progress, desc=f"epoch {epoch}/{planned_epochs}")
+                                          progress=cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.perf_counter() - t0
         probs, val_loss = evaluate(model, x_val, y_val, 2 * cfg.batch_size, device, criterion=eval_criterion)
-        if cfg.time_limit_min and epoch == start_epoch == 1:
-            # fit the cosine schedule to the time budget, measured on the first epoch
-            per_epoch = (time.monotonic() - started) / 60
-            planned_epochs = max(1, min(cfg.epochs, int(cfg.time_limit_min / per_epoch)))
-            schedule.total_steps = steps * planned_epochs
-            log.info("time limit %.1f min: planning %d epochs of %.2f min", cfg.time_limit_min,
-                     planned_epochs, per_epoch)
         metrics = summarise(y_val.numpy(), probs, 0.5)
         metrics["loss"] = val_loss
         entry = EpochLog(epoch, optimizer.param_groups[0]["lr"], loss, acc, train_seconds, seen,
@@ -253,8 +253,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(), "epoch": epoch, "stale": stale,
                     "history": json.dumps([asdict(h) for h in history]), "best": json.dumps(best),
-                    "planned_epochs": planned_epochs, "split": {"val_sha": split_info["val_sha"]}},
-                   resume_path)
+                    "split": {"val_sha": split_info["val_sha"]}}, resume_path)
         if stale >= cfg.patience:
             log.info("early stop: no ROC-AUC gain in %d epochs", cfg.patience)
             break

@@ -150,7 +150,8 @@ def _interrupt(_signum, _frame):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--concurrency", type=int, default=None, help="Worker processes (default WORKER_CONCURRENCY, 1).")
-def run(host: str, port: int, concurrency: int | None) -> None:
+@click.option("--demo", is_flag=True, help="Also register the bundled demo model and queue the sample images (idempotent).")
+def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
     """Serve the app with one worker and (without CELERY_BROKER_URL) the embedded broker.
 
     For a laptop. In production run a WSGI server and `manage.py worker` separately.
@@ -186,6 +187,9 @@ def run(host: str, port: int, concurrency: int | None) -> None:
         if concurrency:
             command += ["--concurrency", str(concurrency)]
         worker = subprocess.Popen(command)
+        if demo:
+            # A separate process: reading the checkpoint needs torch, which this one never loads.
+            subprocess.run([sys.executable, str(PROJECT_ROOT / "manage.py"), "demo", "--broker-url", url], check=False)
         click.echo(f"serving on http://{host}:{port}/ (worker pid {worker.pid}; Ctrl-C stops both)")
         run_simple(host, port, app, threaded=True, use_reloader=False)
     except KeyboardInterrupt:

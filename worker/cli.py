@@ -71,4 +71,28 @@ def models_register(path: str, name: str | None, activate: bool | None, notes: s
                    f"input {version.input_size} px, sha256 {version.checksum[:12]})")
 
 
-COMMANDS = [worker, models]
+@click.command()
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Checkpoint to register (default demo/model.pt).")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of PNG sample images (default demo/images).")
+@click.option("--broker-url", default=None, help="Overrides CELERY_BROKER_URL (used by 'manage.py run --demo').")
+def demo(model_path: str | None, images_dir: str | None, broker_url: str | None) -> None:
+    """Register the bundled demo model and queue the sample images as cases (idempotent)."""
+    from pathlib import Path
+
+    from webapp import create_app
+    from worker.demo import DEMO_IMAGES, DEMO_MODEL, seed_demo
+
+    app = create_app({"CELERY_BROKER_URL": broker_url} if broker_url else None)
+    with app.app_context():
+        try:
+            outcome = seed_demo(Path(model_path) if model_path else DEMO_MODEL,
+                                Path(images_dir) if images_dir else DEMO_IMAGES)
+        except Exception as exc:  # the demo is a convenience: say why, never crash the server
+            raise click.ClickException(f"demo not loaded: {exc}") from None
+    click.echo(f"demo model: {outcome.model}; sample cases added: {len(outcome.cases_added)}, "
+               f"already present: {outcome.cases_present}")
+
+
+COMMANDS = [worker, models, demo]

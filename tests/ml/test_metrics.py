@@ -45,8 +45,13 @@ def test_threshold_meets_target_sensitivity_and_is_the_highest_that_does(target)
     s = rng.random(200) * 0.6 + y * 0.3
     t = threshold_for_sensitivity(y, s, target)
     assert threshold_metrics(y, s, t)["sensitivity"] >= target
-    higher = np.min(s[s > t]) if (s > t).any() else t + 1
-    assert threshold_metrics(y, s, higher)["sensitivity"] < target
+    cut = np.min(s[s > t])              # the lowest positive that had to be included
+    assert y[s == cut].max() == 1
+    assert threshold_metrics(y, s, cut)["sensitivity"] >= target   # same decisions as t
+    above = np.min(s[s > cut]) if (s > cut).any() else cut + 1
+    assert threshold_metrics(y, s, above)["sensitivity"] < target  # any higher threshold fails
+    below = s[s < t]
+    assert len(below) == 0 or t == (cut + below.max()) / 2          # margin on both sides
 
 
 def test_bootstrap_interval_brackets_the_estimate():
