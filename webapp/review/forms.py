@@ -1,10 +1,11 @@
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, HiddenField, RadioField, SelectField, SubmitField, TextAreaField
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import Length, Optional
 
 from webapp.models import CONFIDENCES, DETAILED_LABELS, VERDICTS
 
-_LABEL_CHOICES = [("", "(the model's label)")] + [(k, k) for k in DETAILED_LABELS]
+_LABEL_CHOICES = [SelectChoice("", "(the model's label)")] + [SelectChoice(k) for k in DETAILED_LABELS]
 
 # Choices are checked by webapp.reviews (one place, one message); the forms only carry
 # the values and the CSRF token, so that a bad value gets the same clear answer from
@@ -12,17 +13,17 @@ _LABEL_CHOICES = [("", "(the model's label)")] + [(k, k) for k in DETAILED_LABEL
 
 
 class ReviewForm(FlaskForm):
-    verdict = RadioField("Do you agree with the model?", choices=[(v, v) for v in VERDICTS], validate_choice=False)
+    verdict = RadioField("Do you agree with the model?", choices=[SelectChoice(v) for v in VERDICTS], validate_choice=False)
     label = SelectField("Your label (needed when you disagree)", choices=_LABEL_CHOICES, validate_choice=False)
-    confidence = RadioField("Confidence", choices=[(c, c) for c in CONFIDENCES], validate_choice=False)
+    confidence = RadioField("Confidence", choices=[SelectChoice(c) for c in CONFIDENCES], validate_choice=False)
     comment = TextAreaField("Comment (optional)", validators=[Optional(), Length(max=2000)])
     opened = HiddenField()
     submit = SubmitField("Save review")
 
 
 class BlindReadForm(FlaskForm):
-    label = RadioField("Your label", choices=[(k, k) for k in DETAILED_LABELS], validate_choice=False)
-    confidence = RadioField("Confidence", choices=[(c, c) for c in CONFIDENCES], validate_choice=False)
+    label = RadioField("Your label", choices=[SelectChoice(k) for k in DETAILED_LABELS], validate_choice=False)
+    confidence = RadioField("Confidence", choices=[SelectChoice(c) for c in CONFIDENCES], validate_choice=False)
     opened = HiddenField()
     submit = SubmitField("Save my label and show the model's output")
 
