@@ -74,6 +74,16 @@ def current_review(case_id: int, reviewer_id: int) -> Review | None:
     return db.session.scalar(select(Review).where(Review.case_id == case_id, Review.reviewer_id == reviewer_id))
 
 
+def blinded_case_ids(user: User, case_ids: list[int]) -> set[int]:
+    """Of ``case_ids``, those whose model output ``user`` must not see yet: every case a
+    blinded reviewer has not reviewed (one query for a whole page of the case list)."""
+    if not case_ids or not user.has_role(*REVIEWER_ROLES) or not blinded_for(user):
+        return set()
+    reviewed = db.session.scalars(select(Review.case_id).where(
+        Review.reviewer_id == user.id, Review.case_id.in_(case_ids))).all()
+    return set(case_ids) - set(reviewed)
+
+
 def needs_blind_read(case: Case, reviewer: User) -> bool:
     """True while a blinded reviewer has not yet given their label without the model output."""
     return blinded_for(reviewer) and current_review(case.id, reviewer.id) is None

@@ -210,6 +210,27 @@ def test_blinded_review_hides_the_model_then_keeps_both_answers(people, client):
     assert stages == ["blinded", "final"]
 
 
+def test_blinded_case_list_hides_the_model_output_until_the_blind_read(people, client):
+    app = people
+    version = model_version(app)
+    hidden_id = finished_case(app, version, 0.83)
+    login(client, "rev@example.org")
+    client.post("/reviews/settings", data={"blinded": "y"})
+    page = client.get("/cases").data.decode()
+    row = page[page.index(f">#{hidden_id}<"):].split("</tr>")[0]
+    assert "hidden until your blind read" in row and "83.0 %" not in row and "cancer" not in row
+    assert 'name="label"' not in page and "probability" not in page.split('name="sort"')[1].split("</select>")[0]
+    # filtering or sorting by the model's output would leak it
+    assert client.get("/cases?label=cancer").status_code == 400
+    assert client.get("/cases?sort=probability_desc").status_code == 400
+    page = client.get(f"/cases/{hidden_id}").data
+    client.post(f"/cases/{hidden_id}/review/blind", data={"label": "normal", "confidence": "unsure",
+                                                          "opened": _token(page)})
+    row = client.get("/cases").data.decode()
+    row = row[row.index(f">#{hidden_id}<"):].split("</tr>")[0]
+    assert "83.0 %" in row and "hidden until" not in row
+
+
 def test_site_wide_blinded_mode(make_app):
     app = make_app(REVIEW_BLINDED=True)
     add_user(app, "doc@example.org")

@@ -10,7 +10,7 @@ from webapp.extensions import db
 from webapp.intake import RerunRefused, receive_uploads, rerun_case
 from webapp.models import CASE_STATUSES, LABELS, Case
 from webapp.review.forms import BlindReadForm, ReviewForm
-from webapp.reviews import REVIEWER_ROLES, needs_blind_read, review_panel
+from webapp.reviews import REVIEWER_ROLES, blinded_case_ids, blinded_for, needs_blind_read, review_panel
 
 bp = Blueprint("cases", __name__)
 
@@ -35,13 +35,19 @@ def case_list():
     args = request.args
     filters = {k: args.get(k) or None for k in ("status", "label", "reviewed")}
     sort = args.get("sort") or "newest"
+    blinded = current_user.has_role(*REVIEWER_ROLES) and blinded_for(current_user)
+    if blinded and (filters["label"] or sort.startswith("probability")):
+        # Filtering or ordering by the model's output would reveal it before the blind read.
+        abort(400, description="In blinded review mode the case list cannot be filtered or "
+                               "sorted by the model's output.")
     try:
         page = list_cases(current_user, **filters, sort=sort, after=args.get("after"),
                           before=args.get("before"), per_page=current_app.config["CASES_PER_PAGE"])
     except BadQuery as exc:
         abort(400, description=str(exc))
+    hidden = blinded_case_ids(current_user, [c.id for c in page.cases])
     return render_template("cases/list.html", page=page, filters=filters, sort=sort, sorts=SORTS,
-                           statuses=CASE_STATUSES, labels=LABELS)
+                           statuses=CASE_STATUSES, labels=LABELS, hidden=hidden, blinded=blinded)
 
 
 @bp.route("/cases/upload", methods=["GET", "POST"])
