@@ -14,7 +14,7 @@ from flask import current_app
 from sqlalchemy import select, update
 
 from webapp.extensions import db
-from webapp.models import ModelVersion, User, audit, utcnow
+from webapp.models import AuditEvent, ModelVersion, User, audit, utcnow
 
 # Bulky training records stay in the checkpoint file, not in every registry row.
 _META_LEFT_OUT = ("history", "skipped_files", "split")
@@ -96,3 +96,33 @@ def find_version(name_or_id: str) -> ModelVersion | None:
     if version is None and name_or_id.isdigit():
         version = db.session.get(ModelVersion, int(name_or_id))
     return version
+
+
+def promote(name_or_id: str, actor: User | None = None) -> ModelVersion:
+    """Make a registered version active by hand (audited); RegistryError if unknown."""
+    version = find_version(name_or_id)
+    if version is None:
+        raise RegistryError(f"no model version {name_or_id!r}; see 'manage.py models list'")
+    if version.is_active:
+        raise RegistryError(f"{version.name} is already the active model")
+    previous = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+    audit("model.promote", actor=actor, target=version, mode="manual", previous=previous.name if previous else None)
+    activate_version(version, actor)
+    return version
+
+
+def rollback(actor: User | None = None) -> ModelVersion:
+    """Make the version that was active before the current one active again (audited)."""
+    active = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+    if active is None:
+        raise RegistryError("no model is active, so there is nothing to roll back")
+    event = db.session.scalar(select(AuditEvent).where(
+        AuditEvent.action == "model.activate", AuditEvent.target_type == "model_version",
+        AuditEvent.target_id == active.id).order_by(AuditEvent.id.desc()).limit(1))
+    previous_name = (event.details or {}).get("previous") if event is not None else None
+    previous = find_version(previous_name) if previous_name else None
+    if previous is None:
+        raise RegistryError(f"{active.name} has no earlier active version to roll back to")
+    audit("model.rollback", actor=actor, target=previous, from_version=active.name)
+    activate_version(previous, actor)
+    return previous

@@ -17,7 +17,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from webapp.extensions import db
-from webapp.models import AuditEvent, ModelVersion, User, audit
+from webapp.models import ModelVersion, User, audit
 from webapp.registry import RegistryError, activate_version, register_model_version
 from worker.feedback import FeedbackExport, export_feedback
 
@@ -196,37 +196,3 @@ def comparison_table(outcome: RetrainOutcome) -> list[str]:
     verdict = "PROMOTED: now the active model" if outcome.decision.promote else "NOT PROMOTED"
     lines.append(f"decision: {verdict} ({'; '.join(outcome.decision.reasons)})")
     return lines
-
-
-def promote(name_or_id: str, actor: User | None = None) -> ModelVersion:
-    """Make a registered version active by hand (audited); RetrainError if unknown."""
-    from webapp.registry import find_version
-
-    version = find_version(name_or_id)
-    if version is None:
-        raise RetrainError(f"no model version {name_or_id!r}; see 'manage.py models list'")
-    if version.is_active:
-        raise RetrainError(f"{version.name} is already the active model")
-    previous = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
-    audit("model.promote", actor=actor, target=version, mode="manual", previous=previous.name if previous else None)
-    activate_version(version, actor)
-    return version
-
-
-def rollback(actor: User | None = None) -> ModelVersion:
-    """Make the version that was active before the current one active again (audited)."""
-    from webapp.registry import find_version
-
-    active = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
-    if active is None:
-        raise RetrainError("no model is active, so there is nothing to roll back")
-    event = db.session.scalar(select(AuditEvent).where(
-        AuditEvent.action == "model.activate", AuditEvent.target_type == "model_version",
-        AuditEvent.target_id == active.id).order_by(AuditEvent.id.desc()).limit(1))
-    previous_name = (event.details or {}).get("previous") if event is not None else None
-    previous = find_version(previous_name) if previous_name else None
-    if previous is None:
-        raise RetrainError(f"{active.name} has no earlier active version to roll back to")
-    audit("model.rollback", actor=actor, target=previous, from_version=active.name)
-    activate_version(previous, actor)
-    return previous

@@ -138,12 +138,12 @@ def models_show(version: str) -> None:
 @click.argument("version")
 def models_promote(version: str) -> None:
     """Make VERSION the active model; workers use it from their next case."""
-    from worker.retrain import RetrainError, promote
+    from webapp.registry import RegistryError, promote
 
     with _app_context():
         try:
             v = promote(version)
-        except RetrainError as exc:
+        except RegistryError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"{v.name} is now the active model")
 
@@ -151,12 +151,12 @@ def models_promote(version: str) -> None:
 @models.command("rollback")
 def models_rollback() -> None:
     """Make the previously active version active again."""
-    from worker.retrain import RetrainError, rollback
+    from webapp.registry import RegistryError, rollback
 
     with _app_context():
         try:
             v = rollback()
-        except RetrainError as exc:
+        except RegistryError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"rolled back: {v.name} is the active model again")
 

@@ -48,3 +48,61 @@ def test_audit_log_shows_reviews_and_role_changes(app, client):
     client.post("/admin/users/1/role", data={"role": "reviewer"})
     page = client.get("/admin/audit").data.decode()
     assert "review.submit" in page and "user.set_role" in page
+
+
+def test_admin_promotes_and_rolls_back_from_the_models_page(app, client):
+    from sqlalchemy import select
+
+    from webapp.extensions import db
+    from webapp.models import AuditEvent, ModelVersion
+
+    add_user(app, "boss@example.org", "admin")
+    add_user(app, "rev@example.org", "reviewer")
+    model_version(app, "v1")
+    model_version(app, "v2", active=False)
+
+    def active():
+        with app.app_context():
+            return db.session.scalar(select(ModelVersion.name).where(ModelVersion.is_active.is_(True)))
+
+    login(client, "rev@example.org")
+    assert client.post("/admin/models/v2/promote").status_code == 403
+    assert active() == "v1"
+    client.post("/logout")
+
+    login(client, "boss@example.org")
+    page = client.get("/admin/models").data.decode()
+    assert 'action="/admin/models/v2/promote"' in page and 'action="/admin/models/v1/promote"' not in page
+    response = client.post("/admin/models/v2/promote", follow_redirects=True)
+    assert response.status_code == 200 and b"v2 is now the active model" in response.data
+    assert active() == "v2"
+    assert b"already the active model" in client.post("/admin/models/v2/promote", follow_redirects=True).data
+    assert client.post("/admin/models/v9/promote").status_code == 404
+    response = client.post("/admin/models/rollback", follow_redirects=True)
+    assert b"Rolled back: v1 is the active model again" in response.data and active() == "v1"
+    with app.app_context():
+        events = db.session.scalars(select(AuditEvent).where(AuditEvent.action.in_(
+            ("model.promote", "model.rollback"))).order_by(AuditEvent.id)).all()
+        assert [(e.action, e.actor.email) for e in events] == [("model.promote", "boss@example.org"),
+                                                               ("model.rollback", "boss@example.org")]
+
+
+def test_rollback_without_an_earlier_version_changes_nothing(app, client):
+    add_user(app, "boss@example.org", "admin")
+    model_version(app, "only")
+    login(client, "boss@example.org")
+    response = client.post("/admin/models/rollback", follow_redirects=True)
+    assert b"Nothing changed: only has no earlier active version" in response.data
+
+
+def test_promote_needs_the_csrf_token(make_app):
+    app = make_app(WTF_CSRF_ENABLED=True)
+    add_user(app, "boss@example.org", "admin")
+    model_version(app, "v1")
+    model_version(app, "v2", active=False)
+    client = app.test_client()
+    from tests.appfixtures import csrf_token
+
+    token = csrf_token(client.get("/login").data)
+    client.post("/login", data={"email": "boss@example.org", "password": "password-123", "csrf_token": token})
+    assert client.post("/admin/models/v2/promote").status_code == 400

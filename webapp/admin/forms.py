@@ -19,3 +19,9 @@ class RoleForm(FlaskForm):
 
 class DeactivateForm(FlaskForm):
     submit = SubmitField("Deactivate")
+
+
+class ActivationForm(FlaskForm):
+    """Promote or roll back a model version: only the CSRF token and a button."""
+
+    submit = SubmitField("Make active")

@@ -6,12 +6,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
 from webapp.accounts import AccountError, create_user, deactivate, set_role
-from webapp.admin.forms import CreateUserForm, DeactivateForm, RoleForm
+from webapp.admin.forms import ActivationForm, CreateUserForm, DeactivateForm, RoleForm
 from webapp.auth.roles import role_required
 from webapp.extensions import db
 from webapp.model_card import model_card
 from webapp.models import ROLES, AuditEvent, ModelVersion, User
-from webapp.registry import find_version
+from webapp.registry import RegistryError, find_version, promote, rollback
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -82,7 +82,34 @@ def users_deactivate(user_id: int):
 @role_required("admin")
 def models():
     versions = db.session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc())).all()
-    return render_template("admin/models.html", versions=versions)
+    return render_template("admin/models.html", versions=versions, form=ActivationForm())
+
+
+def _change_active(change, success: str):
+    """Run a promote/rollback for the signed-in admin and say what happened."""
+    if not ActivationForm().validate_on_submit():
+        abort(400, description="The form was incomplete; reload the page and try again.")
+    try:
+        version = change()
+        flash(success.format(name=version.name), "info")
+    except RegistryError as exc:
+        flash(f"Nothing changed: {exc}.", "error")
+    return redirect(url_for("admin.models"), 303)
+
+
+@bp.post("/models/<name>/promote")
+@role_required("admin")
+def model_promote(name: str):
+    version = _version(name)
+    return _change_active(lambda: promote(version.name, actor=current_user),
+                          "{name} is now the active model: workers use it from their next case.")
+
+
+@bp.post("/models/rollback")
+@role_required("admin")
+def model_rollback():
+    return _change_active(lambda: rollback(actor=current_user),
+                          "Rolled back: {name} is the active model again.")
 
 
 def _version(name: str) -> ModelVersion:
