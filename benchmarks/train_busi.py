@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0 = off)")
     ap.add_argument("--random-split", action="store_true", help="do not group near-duplicates (inflated figures)")
     ap.add_argument("--save-demo", help="also write the best model as a float16 demo checkpoint here")
     ap.add_argument("--json", help="write the printed figures as JSON here")
@@ -77,7 +78,7 @@ def main() -> None:
     cfg = TrainConfig(data=args.data, out=args.out, epochs=args.epochs, img_size=args.img_size,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, patience=10_000,
                       time_limit_min=args.minutes, group_duplicates=not args.random_split,
-                      weights="none", progress=False)
+                      weights="none", progress=False, ema=args.ema)
     if args.demo_only:
         return save_demo(cfg, args.save_demo)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, img {args.img_size}px, "

@@ -46,6 +46,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--no-group-duplicates", is_flag=True, help="split at random instead of keeping near-duplicate images on one side")
 @click.option("--pos-weight", default="auto", show_default=True, help="BCE pos_weight: auto (n_neg/n_pos), none, or a number")
 @click.option("--no-augment", is_flag=True, help="turn off train-time augmentation")
+@click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="validate and save an exponential moving average of the weights with this decay (e.g. 0.99); 0 = off")
 @click.option("--time-limit", "time_limit_min", type=click.FloatRange(0, min_open=True), help="stop after this many minutes (checked after each epoch)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from OUT.resume.pt")

@@ -49,6 +49,7 @@ class TrainConfig:
     group_duplicates: bool = True
     pos_weight: str = "auto"          # "auto" (n_neg / n_pos), "none", or a number
     augment: bool = True
+    ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
     time_limit_min: float | None = None
     resume: bool = False
     strict: bool = False
@@ -99,9 +100,11 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                     optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
                     batch_size: int, generator: torch.Generator, device: torch.device,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: bool = True,
-                    progress: bool = False, desc: str = "train") -> tuple[float, float, int]:
+                    progress: bool = False, desc: str = "train",
+                    ema: torch.optim.swa_utils.AveragedModel | None = None) -> tuple[float, float, int]:
     """One pass over (uint8 images, 0/1 targets) in shuffled batches; returns
-    (mean loss, accuracy at 0.5, images seen). A final batch of one is dropped (BatchNorm)."""
+    (mean loss, accuracy at 0.5, images seen). A final batch of one is dropped (BatchNorm).
+    ``ema``, when given, is updated after every optimizer step."""
     model.train()
     order = torch.randperm(len(images), generator=generator)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -122,6 +125,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if scheduler is not None:
             scheduler.step()
         n = len(idx)
@@ -192,6 +197,11 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     x_train, y_train = cache.images[train_idx], cache.targets[train_idx]
     x_val, y_val = cache.images[val_idx], cache.targets[val_idx]
     model = build_model(cfg.weights).to(device, memory_format=torch.channels_last)
+    # Validated and saved instead of the raw weights when on: a smoother model on small data.
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        if cfg.ema else None)
+    scored = ema.module if ema is not None else model
     pw = _pos_weight(cfg.pos_weight, y_train)
     criterion = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
     eval_criterion = nn.BCEWithLogitsLoss()
@@ -210,6 +220,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
         if state.get("split", {}).get("val_sha") != split_info["val_sha"]:
             raise CheckpointError(f"{resume_path} belongs to another split or data set; delete it to start over")
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
@@ -226,9 +238,9 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
         t0 = time.perf_counter()
         loss, acc, seen = train_one_epoch(model, x_train, y_train, optimizer, scheduler, criterion,
                                           cfg.batch_size, generator, device, augment=cfg.augment,
-                                          progress=cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}")
+                                          progress=cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}", ema=ema)
         train_seconds = time.perf_counter() - t0
-        probs, val_loss = evaluate(model, x_val, y_val, 2 * cfg.batch_size, device, criterion=eval_criterion)
+        probs, val_loss = evaluate(scored, x_val, y_val, 2 * cfg.batch_size, device, criterion=eval_criterion)
         metrics = summarise(y_val.numpy(), probs, 0.5)
         metrics["loss"] = val_loss
         entry = EpochLog(epoch, optimizer.param_groups[0]["lr"], loss, acc, train_seconds, seen,
@@ -245,11 +257,12 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                     "val_metrics": val_metrics}
             meta = _checkpoint_meta(cfg, cache, fingerprint, class_names, positive_classes,
                                     val_metrics, threshold, split_info, epoch, history)
-            save_checkpoint(out, model, meta)
+            save_checkpoint(out, scored, meta)
             stale = 0
         else:
             stale += 1
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(), "epoch": epoch, "stale": stale,
                     "history": json.dumps([asdict(h) for h in history]), "best": json.dumps(best),

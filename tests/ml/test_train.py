@@ -63,19 +63,32 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny_folder, tmp_path):
-    full = fit(config(tiny_folder, tmp_path / "full.pt", epochs=3))
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_interrupted_run_resumes_to_the_same_result(tiny_folder, tmp_path, ema):
+    full = fit(config(tiny_folder, tmp_path / "full.pt", epochs=3, ema=ema))
 
     def stop_after_two(entry):
         if entry.epoch == 2:
             raise Interrupt
     with pytest.raises(Interrupt):
-        fit(config(tiny_folder, tmp_path / "r.pt", epochs=3), on_epoch=stop_after_two)
+        fit(config(tiny_folder, tmp_path / "r.pt", epochs=3, ema=ema), on_epoch=stop_after_two)
     # the callback runs before the epoch's state is saved, so the run resumes at epoch 2
     assert (tmp_path / "r.pt.resume.pt").exists()
-    resumed = fit(config(tiny_folder, tmp_path / "r.pt", epochs=3, resume=True))
+    resumed = fit(config(tiny_folder, tmp_path / "r.pt", epochs=3, resume=True, ema=ema))
     assert [h.epoch for h in resumed["history"]] == [1, 2, 3]
     assert [h.train_loss for h in resumed["history"]] == pytest.approx([h.train_loss for h in full["history"]])
+    assert [h.val["roc_auc"] for h in resumed["history"]] == pytest.approx([h.val["roc_auc"] for h in full["history"]])
+
+
+def test_ema_saves_averaged_weights_without_changing_training(tiny_folder, tmp_path):
+    plain = fit(config(tiny_folder, tmp_path / "plain.pt", epochs=2))
+    averaged = fit(config(tiny_folder, tmp_path / "ema.pt", epochs=2, ema=0.5))
+    # the EMA only reads the weights: the optimisation itself is unchanged
+    assert [h.train_loss for h in averaged["history"]] == [h.train_loss for h in plain["history"]]
+    w_plain = load_checkpoint(tmp_path / "plain.pt")["state_dict"]["fc.weight"]
+    w_ema = load_checkpoint(tmp_path / "ema.pt")["state_dict"]["fc.weight"]
+    assert not torch.equal(w_plain, w_ema)
+    assert load_checkpoint(tmp_path / "ema.pt")["meta"]["args"]["ema"] == 0.5
 
 
 def test_cross_validation_reports_mean_and_sd(tiny_folder, tmp_path):
