@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0 = off)")
+    ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights (0 = off)")
     ap.add_argument("--random-split", action="store_true", help="do not group near-duplicates (inflated figures)")
     ap.add_argument("--save-demo", help="also write the best model as a float16 demo checkpoint here")
     ap.add_argument("--json", help="write the printed figures as JSON here")
