@@ -68,14 +68,8 @@ def users_set_role(user_id: int):
 @role_required("admin")
 def users_deactivate(user_id: int):
     user = _user(user_id)
-    if not DeactivateForm().validate_on_submit():
-        abort(400, description="The form was incomplete; reload the page and try again.")
-    try:
-        deactivate(user, actor=current_user)
-        flash(f"{user.email} can no longer sign in.", "info")
-    except AccountError as exc:
-        flash(f"Not deactivated: {exc}.", "error")
-    return redirect(url_for("admin.users"), 303)
+    return _button_action(DeactivateForm(), lambda: deactivate(user, actor=current_user),
+                          lambda _: f"{user.email} can no longer sign in.", "Not deactivated", "admin.users")
 
 
 @bp.get("/models")
@@ -85,16 +79,21 @@ def models():
     return render_template("admin/models.html", versions=versions, form=ActivationForm())
 
 
-def _change_active(change, success: str):
-    """Run a promote/rollback for the signed-in admin and say what happened."""
-    if not ActivationForm().validate_on_submit():
+def _button_action(form, action, success, failure: str, back_to: str):
+    """A one-button admin form: check its CSRF token, run ``action``, flash ``success(result)``
+    or ``failure: reason`` (nothing is changed on failure), and go back to ``back_to``."""
+    if not form.validate_on_submit():
         abort(400, description="The form was incomplete; reload the page and try again.")
     try:
-        version = change()
-        flash(success.format(name=version.name), "info")
-    except RegistryError as exc:
-        flash(f"Nothing changed: {exc}.", "error")
-    return redirect(url_for("admin.models"), 303)
+        flash(success(action()), "info")
+    except (AccountError, RegistryError) as exc:
+        flash(f"{failure}: {exc}.", "error")
+    return redirect(url_for(back_to), 303)
+
+
+def _change_active(change, success: str):
+    return _button_action(ActivationForm(), change, lambda version: success.format(name=version.name),
+                          "Nothing changed", "admin.models")
 
 
 @bp.post("/models/<name>/promote")
