@@ -6,9 +6,9 @@ warms it with one case, then uploads images one at a time through the app (Flask
 client: the HTTP handling, validation, storage and enqueue are real; the network is not)
 and polls the JSON status endpoint every 10 ms until the case is done.
 
-    .venv/bin/python benchmarks/upload_latency.py [--model models/demo.pt] [--n 20] [--size 500x400]
+    .venv/bin/python benchmarks/upload_latency.py [--model demo/model.pt] [--n 20] [--size 500x400]
 
-Without --model (and without models/demo.pt) it uses a random-weight ResNet18 at 128 px,
+Without --model (and without demo/model.pt) it uses a random-weight ResNet18 at 128 px,
 which costs the same as a trained one.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _stages() -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "demo.pt")
+    parser.add_argument("--model", type=Path, default=ROOT / "demo" / "model.pt")
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--size", default="500x400", help="image WIDTHxHEIGHT (BUSI images are about 500x450)")
     args = parser.parse_args()
