@@ -6,11 +6,12 @@ rejected change raises AccountError with a message for the person who asked.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from sqlalchemy import func, select
 
 from webapp.extensions import db
-from webapp.models import ROLES, User, audit, utcnow
+from webapp.models import ROLES, AuditEvent, User, audit, utcnow
 
 MIN_PASSWORD_LENGTH = 10
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -18,6 +19,10 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 class AccountError(ValueError):
     """A requested account change that cannot be made; the message says why."""
+
+
+class SignInThrottled(AccountError):
+    """Too many failed sign-ins for one account in a short time; the message says how long."""
 
 
 def normalise_email(email: str) -> str:
@@ -28,10 +33,30 @@ def find_user(email: str) -> User | None:
     return db.session.scalar(select(User).where(User.email == normalise_email(email)))
 
 
-def authenticate(email: str, password: str) -> User | None:
-    """The active user with this email and password, or None. Records the sign-in."""
+def recent_failures(user: User, window: timedelta) -> int:
+    """Failed sign-ins for ``user`` within ``window`` and since their last successful one."""
+    since = utcnow() - window
+    if user.last_login_at is not None and user.last_login_at > since:
+        since = user.last_login_at
+    return db.session.scalar(select(func.count()).select_from(AuditEvent).where(
+        AuditEvent.action == "login.failed", AuditEvent.target_type == "user",
+        AuditEvent.target_id == user.id, AuditEvent.created_at > since))
+
+
+def authenticate(email: str, password: str, max_failures: int = 5, lockout_minutes: int = 15) -> User | None:
+    """The active user with this email and password, or None. Records the sign-in, and
+    every failure (audited). After ``max_failures`` failures within ``lockout_minutes`` an
+    account refuses even the right password until the window has passed (SignInThrottled),
+    which turns password guessing into a few tries an hour."""
     user = find_user(email)
+    window = timedelta(minutes=lockout_minutes)
+    if user is not None and max_failures and recent_failures(user, window) >= max_failures:
+        raise SignInThrottled(f"too many failed sign-ins for this account; try again in {lockout_minutes} minutes "
+                              "or ask an admin")
     if user is None or not user.active or not user.check_password(password or ""):
+        # Unknown emails are recorded too (without a target) so an admin sees guessing.
+        audit("login.failed", target=user, email=normalise_email(email)[:254])
+        db.session.commit()
         return None
     user.last_login_at = utcnow()
     audit("login", actor=user, target=user)

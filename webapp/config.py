@@ -79,6 +79,9 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "FAITHFULNESS_WARNING": float(_env("FAITHFULNESS_WARNING", "0.05")),  # score in [-1, 1]
         # Status polling interval of the case page, in milliseconds.
         "STATUS_POLL_MS": _env_int("STATUS_POLL_MS", 1000),
+        # Failed sign-ins per account before it refuses sign-ins for the lockout window (0: off).
+        "LOGIN_MAX_FAILURES": _env_int("LOGIN_MAX_FAILURES", 5),
+        "LOGIN_LOCKOUT_MINUTES": _env_int("LOGIN_LOCKOUT_MINUTES", 15),
         # Cookies: HttpOnly and SameSite always; Secure needs HTTPS, which a laptop
         # serving http://127.0.0.1 does not have, so production turns it on.
         "SESSION_COOKIE_HTTPONLY": True,

@@ -148,3 +148,48 @@ def test_the_last_admin_cannot_be_demoted(app, client):
     assert b"last active admin" in response.data
     with app.app_context():
         assert find_user("admin@example.org").role == "admin"
+
+
+def test_repeated_failed_sign_ins_lock_the_account_for_a_while(make_app):
+    from datetime import timedelta
+
+    from sqlalchemy import select, update
+
+    from webapp.extensions import db
+    from webapp.models import AuditEvent
+
+    app = make_app(LOGIN_MAX_FAILURES=3, LOGIN_LOCKOUT_MINUTES=15)
+    add_user(app, "doc@example.org")
+    client = app.test_client()
+
+    def attempt(password):
+        return client.post("/login", data={"email": "doc@example.org", "password": password})
+
+    assert [attempt("wrong-password").status_code for _ in range(3)] == [401, 401, 401]
+    locked = attempt("password-123")  # even the right password, while locked
+    assert locked.status_code == 429 and b"too many failed sign-ins" in locked.data
+    assert client.get("/cases").status_code == 302  # not signed in
+    with app.app_context():
+        failures = db.session.scalars(select(AuditEvent).where(AuditEvent.action == "login.failed")).all()
+        assert len(failures) == 3 and all(e.details["email"] == "doc@example.org" for e in failures)
+        # the lockout window passes
+        db.session.execute(update(AuditEvent).values(created_at=AuditEvent.created_at - timedelta(minutes=16)))
+        db.session.commit()
+    assert attempt("password-123").status_code == 302
+    client.post("/logout")
+    # a successful sign-in starts the count again
+    assert [attempt("wrong-password").status_code for _ in range(2)] == [401, 401]
+    assert attempt("password-123").status_code == 302
+
+
+def test_unknown_emails_are_audited_and_never_locked_out_by_name(app, client):
+    from sqlalchemy import select
+
+    from webapp.extensions import db
+    from webapp.models import AuditEvent
+
+    for _ in range(7):
+        assert client.post("/login", data={"email": "nobody@example.org", "password": "x" * 12}).status_code == 401
+    with app.app_context():
+        events = db.session.scalars(select(AuditEvent).where(AuditEvent.action == "login.failed")).all()
+        assert len(events) == 7 and events[0].target_id is None

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import Blueprint, flash, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
-from webapp.accounts import authenticate
+from webapp.accounts import SignInThrottled, authenticate
 from webapp.auth.forms import LoginForm
 from webapp.extensions import db, login_manager
 from webapp.models import User, audit
@@ -34,7 +34,13 @@ def login():
     form = LoginForm()
     status = 200
     if form.validate_on_submit():
-        user = authenticate(form.email.data, form.password.data)
+        try:
+            user = authenticate(form.email.data, form.password.data,
+                                max_failures=current_app.config["LOGIN_MAX_FAILURES"],
+                                lockout_minutes=current_app.config["LOGIN_LOCKOUT_MINUTES"])
+        except SignInThrottled as exc:
+            flash(f"Not signed in: {exc}.", "error")
+            return render_template("auth/login.html", form=form), 429
         if user is not None:
             login_user(user)
             return redirect(_safe_next(request.args.get("next")))
