@@ -102,6 +102,27 @@ def test_bad_review_values_are_refused_and_nothing_is_written(people, client, fo
     assert not any(e.action.startswith("review") for e in _rows(app, AuditEvent))
 
 
+def test_a_rejected_review_comes_back_filled_in_with_its_opening_time(people, client):
+    app = people
+    case_id = finished_case(app, model_version(app), 0.8)  # the model says cancer
+    login(client, "rev@example.org")
+    opened = _token(client.get(f"/cases/{case_id}").data)
+    # disagreeing while giving the model's own label is refused by the review rules
+    response = client.post(f"/cases/{case_id}/review", data={
+        "verdict": "disagree", "label": "malignant", "confidence": "probable",
+        "comment": "calipers hide the margin", "opened": opened})
+    page = response.data.decode()
+    assert response.status_code == 400 and "Review not saved" in page
+    assert 'value="disagree" required\n          checked' in page
+    assert '<option value="malignant" selected>' in page
+    assert 'value="probable" required\n          checked' in page
+    assert "calipers hide the margin</textarea>" in page
+    assert _token(response.data) == opened  # reading time still counts from the first opening
+    forged = client.post(f"/cases/{case_id}/review", data={"verdict": "agree", "confidence": "certain",
+                                                           "opened": "forged"})
+    assert forged.status_code == 400 and _token(forged.data) != "forged"
+
+
 def test_token_from_another_case_is_refused(people, client):
     app = people
     version = model_version(app)

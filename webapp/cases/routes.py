@@ -10,7 +10,8 @@ from webapp.extensions import db
 from webapp.intake import RerunRefused, receive_uploads, rerun_case
 from webapp.models import CASE_STATUSES, LABELS, Case
 from webapp.review.forms import BlindReadForm, ReviewForm
-from webapp.reviews import REVIEWER_ROLES, blinded_case_ids, blinded_for, needs_blind_read, review_panel
+from webapp.reviews import (REVIEWER_ROLES, ReviewRejected, blinded_case_ids, blinded_for, needs_blind_read,
+                            reading_seconds, review_panel)
 
 bp = Blueprint("cases", __name__)
 
@@ -78,17 +79,28 @@ def upload():
 @bp.get("/cases/<int:case_id>")
 @role_required(*ANY_ROLE)
 def case_page(case_id: int):
-    case = _visible_case(case_id)
+    return render_case(_visible_case(case_id))
+
+
+def render_case(case: Case, status: int = 200, submitted: dict | None = None):
+    """The case page; ``submitted`` refills a rejected review form (and keeps its reading
+    start) so that the reviewer corrects it instead of starting again."""
     cfg = current_app.config
+    submitted = dict(submitted or {})
+    if submitted.get("opened"):
+        try:  # keep the first opening time only if it is genuine; else the page's new one
+            reading_seconds(submitted["opened"], case.id, current_user.id)
+        except ReviewRejected:
+            submitted.pop("opened")
     review = review_panel(case, current_user)
     # Blinded review: no model output until the reviewer has given their own label.
     prediction = None if review.hide_model_output else case.latest_prediction
     return render_template("cases/detail.html", case=case, prediction=prediction, review=review,
-                           review_form=ReviewForm(), blind_form=BlindReadForm(),
+                           review_form=ReviewForm(), blind_form=BlindReadForm(), submitted=submitted,
                            may_rerun=_may_rerun(case), rerun_form=RerunForm(),
                            border_warning=cfg["BORDER_SHARE_WARNING"],
                            faithfulness_warning=cfg["FAITHFULNESS_WARNING"],
-                           poll_ms=cfg["STATUS_POLL_MS"])
+                           poll_ms=cfg["STATUS_POLL_MS"]), status
 
 
 @bp.get("/cases/<int:case_id>/status")

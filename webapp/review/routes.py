@@ -4,6 +4,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user
 
 from webapp.auth.roles import role_required
+from webapp.cases.routes import render_case
 from webapp.extensions import db
 from webapp.models import Case
 from webapp.review.forms import BlindedSettingForm, BlindReadForm, ReviewForm
@@ -51,7 +52,8 @@ def review(case_id: int):
         saved = submit_review(case, current_user, form.verdict.data, form.label.data, form.confidence.data,
                               form.comment.data, form.opened.data)
     except ReviewRejected as exc:
-        abort(400, description=f"Review not saved: {exc}.")
+        flash(f"Review not saved: {exc}.", "error")
+        return render_case(case, 400, submitted=request.form)
     flash(f"Review saved ({saved.verdict}, {saved.label}).", "info")
     return redirect(url_for("cases.case_page", case_id=case.id), 303)
 
@@ -64,7 +66,8 @@ def blind_read(case_id: int):
     try:
         record_blind_read(case, current_user, form.label.data, form.confidence.data, form.opened.data)
     except ReviewRejected as exc:
-        abort(400, description=f"Label not saved: {exc}.")
+        flash(f"Label not saved: {exc}.", "error")
+        return render_case(case, 400, submitted=request.form)
     flash("Your label is saved. Now compare it with the model's output and confirm your review.", "info")
     return redirect(url_for("cases.case_page", case_id=case.id), 303)
 
