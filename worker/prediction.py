@@ -77,6 +77,20 @@ def mark_failed(case_id: int, message: str) -> None:
     db.session.commit()
 
 
+def mark_retrying(case_id: int, message: str) -> None:
+    """Show a case whose job will be retried as queued, with the reason. Best effort: the
+    error being retried may be the database itself, and then the old status stays."""
+    try:
+        db.session.rollback()
+        case = db.session.get(Case, case_id)
+        if case is not None and case.status == "running":
+            case.status, case.error = "queued", message
+            db.session.commit()
+    except Exception:  # noqa: BLE001 - never let the bookkeeping hide the original error
+        db.session.rollback()
+        log.warning("could not mark case %s as waiting for a retry", case_id)
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     # Fast compression: these PNGs are written once per case, on the job's critical path.

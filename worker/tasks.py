@@ -28,6 +28,8 @@ def predict_case(self, case_id: int) -> str:
         if self.request.retries >= MAX_RETRIES:
             prediction.mark_failed(case_id, f"The prediction failed after {MAX_RETRIES} retries: {exc}. Re-run the case.")
             return "failed"
+        prediction.mark_retrying(case_id, f"Waiting to retry (attempt {self.request.retries + 2} of "
+                                          f"{MAX_RETRIES + 1}) after a passing error: {exc}")
         raise  # autoretry_for schedules the retry with backoff
     except Exception as exc:
         log.exception("case %s failed", case_id)

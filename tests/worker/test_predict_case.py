@@ -191,3 +191,37 @@ def test_worker_on_redis(make_app, tiny_checkpoint):
 
     with app.app_context():
         assert db.session.scalar(select(func.count()).select_from(Prediction)) == 2
+
+
+def test_a_passing_storage_error_is_retried_and_shown_as_waiting(make_app, tiny_checkpoint):
+    """The image store is briefly unavailable: the case waits (queued, with the reason) and
+    the retry with backoff finishes it once the file is back."""
+    import time
+
+    from webapp.extensions import db
+    from webapp.models import Case
+
+    app = make_app()
+    register_model(app, tiny_checkpoint)
+    add_user(app, "doc@example.org")
+    client = app.test_client()
+    login(client, "doc@example.org")
+    client.post("/cases/upload", data={"images": [(io.BytesIO(image_bytes()), "a.png")]})
+    with app.app_context():
+        path = app.extensions["file_store"].path(db.session.get(Case, 1).image_key)
+    hidden = path.with_name(path.name + ".away")
+    path.rename(hidden)  # as if the shared volume were not mounted yet
+    with running_worker(app):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = client.get("/cases/1/status").get_json()
+            if status["error"]:
+                break
+            time.sleep(0.05)
+        assert status["status"] == "queued" and status["error"].startswith("Waiting to retry (attempt 2 of 6)")
+        assert "Waiting for a worker" in client.get("/cases/1").data.decode()
+        hidden.rename(path)
+        final = wait_for_case(client, 1, timeout=60)
+    assert final["status"] == "done" and final["error"] is None
+    with app.app_context():
+        assert db.session.get(Case, 1).attempts >= 2
