@@ -2,6 +2,7 @@
 seeded, resumable training and writes the best checkpoint by validation ROC-AUC."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -298,7 +299,6 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
     n_groups = len(np.unique(groups)) if groups is not None else len(y)
 
     def split_info(val_idx: np.ndarray, fold: int | None) -> dict:
-        import hashlib
         val_sha = hashlib.sha256(",".join(map(str, val_idx.tolist())).encode()).hexdigest()[:16]
         return {"val_fraction": cfg.val_split, "folds": cfg.folds, "fold": fold,
                 "grouped_near_duplicates": cfg.group_duplicates, "n_groups": int(n_groups),

@@ -73,11 +73,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
-def file_store(app: Flask) -> FileStore:
-    """The app's image and checkpoint store."""
-    return app.extensions["file_store"]
-
-
 @event.listens_for(Engine, "connect")
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the web app read while the worker writes; busy_timeout waits for a lock

@@ -40,10 +40,6 @@ class FileStore:
                 raise
         return key, digest
 
-    def put_file(self, source: str | os.PathLike[str], kind: str, suffix: str) -> tuple[str, str]:
-        """Store the bytes of a local file; see `put`."""
-        return self.put(Path(source).read_bytes(), kind, suffix)
-
     def path(self, key: str) -> Path:
         """The local path of ``key``; raises ValueError for anything not shaped like a key."""
         if not _KEY.match(key):
