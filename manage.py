@@ -7,6 +7,7 @@ that `--help` is quick and web-only commands never load it.
 """
 from __future__ import annotations
 
+import getpass
 import importlib
 
 import click
@@ -15,8 +16,13 @@ COMMAND_MODULES = ("ml.cli", "ml.explain_cli", "webapp.cli", "worker.cli", "work
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option("--actor", metavar="EMAIL", help="the account on whose behalf this command acts, recorded in the "
+              "audit log (the operating-system user is always recorded)")
+def cli(actor: str | None) -> None:
     """Breast-review: clinical review of breast-image AI (research use, not for diagnosis)."""
+    from webapp.models import set_command_line_actor
+
+    set_command_line_actor(getpass.getuser(), actor)
 
 
 for _name in COMMAND_MODULES:

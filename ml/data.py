@@ -26,6 +26,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LABEL_NAMES = ("normal", "cancer")  # index = binary target
 
 
+def positive_names(positive_classes: Sequence[str] | None = None) -> list[str]:
+    """The folder names that mean "malignant" for a model trained with ``positive_classes``.
+
+    ``cancer`` and ``malignant`` are always synonyms, so a model trained on one layout can
+    be evaluated on the other (a locked test set need not match the training folders).
+    """
+    names = [c.lower() for c in (positive_classes or ())]
+    return names + [c for c in DEFAULT_POSITIVE if c not in names]
+
+
 class DataError(MLError):
     """The data cannot be used as given (empty folder, one class, unreadable files...)."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ml.data import cache_images, scan_folder
+from ml.data import cache_images, positive_names, scan_folder
 from ml.inference import Predictor
 from ml.metrics import (bootstrap_ci, brier, calibration_bins, precision_recall_curve,
                         roc_curve, summarise)
@@ -18,8 +18,8 @@ def predict_folder(predictor: Predictor, data: str | Path, batch_size: int = 64,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[Path], list]:
     """Probabilities and targets for every readable image of an ImageFolder directory.
 
-    The folder's positive classes are the checkpoint's (default: cancer / malignant)."""
-    index = scan_folder(data, predictor.meta.get("positive_classes") or None)
+    The folder's positive classes are the checkpoint's plus ``cancer`` and ``malignant``."""
+    index = scan_folder(data, positive_names(predictor.meta.get("positive_classes")))
     cache = cache_images(index, predictor.input_size, progress=progress)
     from ml.train import evaluate
     probs, _ = evaluate(predictor.model, cache.images, None, batch_size, predictor.device,

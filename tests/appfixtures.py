@@ -195,3 +195,20 @@ def wait_for_case(client, case_id: int, timeout: float = 60.0) -> dict:
         if status["finished"] or time.monotonic() > deadline:
             return status
         time.sleep(0.05)
+
+
+@pytest.fixture
+def run_cli(app, monkeypatch):
+    """manage.py against the test app's database, storage and broker."""
+    from click.testing import CliRunner
+
+    import manage
+
+    for key in ("INSTANCE_PATH", "CELERY_BROKER_URL", "TASK_QUEUE"):
+        monkeypatch.setenv(key, app.config[key])
+    monkeypatch.setenv("DATABASE_URL", app.config["SQLALCHEMY_DATABASE_URI"])
+
+    def run(*args):
+        return CliRunner().invoke(manage.cli, [str(a) for a in args], catch_exceptions=False)
+
+    return run

@@ -57,6 +57,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin_bp)
     app.register_blueprint(reviews_bp)
     errors.register(app)
+    from webapp.formatting import figure
+
+    app.jinja_env.filters["figure"] = figure
 
     @app.get("/")
     def index():  # the case list is the home page

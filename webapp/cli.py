@@ -152,6 +152,9 @@ def _interrupt(_signum, _frame):
 @click.option("--concurrency", type=int, default=None, help="Worker processes (default WORKER_CONCURRENCY, 1).")
 @click.option("--demo", is_flag=True, help="Also register the bundled demo model and queue the sample images (idempotent).")
 def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
+    from webapp.models import set_command_line_actor
+
+    set_command_line_actor(None)  # events of the server and its worker are the system's
     """Serve the app with one worker and (without CELERY_BROKER_URL) the embedded broker.
 
     For a laptop. In production run a WSGI server and `manage.py worker` separately.

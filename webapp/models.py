@@ -4,6 +4,7 @@ Times are stored as naive UTC (`utcnow()`), the same on SQLite and PostgreSQL.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -196,8 +197,30 @@ class AuditEvent(db.Model):
     __table_args__ = (Index("ix_audit_event_target", "target_type", "target_id"),)
 
 
+# Who runs `manage.py` (set once per command line): {"os_user": ..., "email": ... or None}.
+_command_line_actor: ContextVar[dict[str, str | None] | None] = ContextVar("command_line_actor", default=None)
+
+
+def set_command_line_actor(os_user: str | None, email: str | None = None) -> None:
+    """Record that this process acts for ``os_user`` (and the account ``email``, if given):
+    audit events written without a signed-in user name them instead of "system". ``None``
+    (a long-running server or worker) leaves such events to "system"."""
+    _command_line_actor.set(None if os_user is None else
+                            {"os_user": os_user, "email": email.strip().lower() if email else None})
+
+
 def audit(action: str, actor: User | None = None, target: db.Model | None = None, **details: Any) -> AuditEvent:
-    """Add an audit event to the current session; the caller's commit writes it with the change."""
+    """Add an audit event to the current session; the caller's commit writes it with the change.
+
+    Without ``actor``, an event written by a `manage.py` command records the operating-system
+    user (``details.os_user``) and the account given with ``--actor`` when it exists."""
+    command_line = _command_line_actor.get()
+    if actor is None and command_line is not None:
+        details = {"via": "command line", "os_user": command_line["os_user"], **details}
+        if command_line["email"]:
+            actor = db.session.scalar(db.select(User).where(User.email == command_line["email"]))
+            if actor is None:
+                details["actor_unknown"] = command_line["email"]
     event = AuditEvent(
         action=action,
         actor_id=actor.id if actor is not None else None,

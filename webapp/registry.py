@@ -73,14 +73,15 @@ def register_model_version(path: str | Path, meta: dict[str, Any], *, name: str 
     return version
 
 
-def _activate(version: ModelVersion, actor: User | None) -> None:
+def _activate(version: ModelVersion, actor: User | None, rollback: bool = False) -> None:
     previous = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
     # Clear first and flush: the one-active unique index must never see two.
     db.session.execute(update(ModelVersion).where(ModelVersion.is_active.is_(True)).values(is_active=False))
     db.session.flush()
     version.is_active = True
     version.activated_at = utcnow()
-    audit("model.activate", actor=actor, target=version, previous=previous.name if previous else None)
+    extra = {"rollback": True} if rollback else {}
+    audit("model.activate", actor=actor, target=version, previous=previous.name if previous else None, **extra)
 
 
 def activate_version(version: ModelVersion, actor: User | None = None) -> None:
@@ -98,17 +99,59 @@ def find_version(name_or_id: str) -> ModelVersion | None:
     return version
 
 
-def promote(name_or_id: str, actor: User | None = None) -> ModelVersion:
-    """Make a registered version active by hand (audited); RegistryError if unknown."""
+def gate_refusal(version: ModelVersion) -> list[str] | None:
+    """The promotion gate's reasons if ``retrain`` registered ``version`` without promoting
+    it (refused, or ``--promote never``); None when no gate stands against it."""
+    promotion = (version.meta or {}).get("promotion") or {}
+    if promotion.get("promote") is False:
+        return list(promotion.get("reasons") or ["refused by the promotion gate"])
+    return None
+
+
+def promote(name_or_id: str, actor: User | None = None, force: bool = False) -> ModelVersion:
+    """Make a registered version active by hand (audited); RegistryError if unknown.
+
+    A version the promotion gate did not promote needs ``force``; without it the error
+    lists the gate's reasons. The override and those reasons are audited.
+    """
     version = find_version(name_or_id)
     if version is None:
         raise RegistryError(f"no model version {name_or_id!r}; see 'manage.py models list'")
     if version.is_active:
         raise RegistryError(f"{version.name} is already the active model")
+    refused = gate_refusal(version)
+    if refused and not force:
+        raise RegistryError(f"{version.name} was not promoted by the promotion gate ({'; '.join(refused)}); "
+                            "promote it anyway with --force")
     previous = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
-    audit("model.promote", actor=actor, target=version, mode="manual", previous=previous.name if previous else None)
+    details = {"gate_overridden": refused} if refused else {}
+    audit("model.promote", actor=actor, target=version, mode="manual", previous=previous.name if previous else None,
+          **details)
     activate_version(version, actor)
     return version
+
+
+def activation_history() -> list[ModelVersion]:
+    """The versions that are active, then were active before, newest first, as rollbacks
+    see it: each rollback removes the version it rolled back from, so rolling back twice
+    walks two steps back instead of returning to where it started."""
+    events = db.session.scalars(select(AuditEvent).where(
+        AuditEvent.action == "model.activate", AuditEvent.target_type == "model_version")
+        .order_by(AuditEvent.id)).all()
+    stack: list[int] = []
+    for event in events:
+        if (event.details or {}).get("rollback") and stack:
+            stack.pop()  # the version rolled back from
+            if stack and stack[-1] == event.target_id:
+                continue
+        if stack and stack[-1] == event.target_id:
+            continue
+        previous = find_version((event.details or {}).get("previous") or "") if not stack else None
+        if previous is not None:  # active before any recorded activation (set by hand)
+            stack.append(previous.id)
+        stack.append(event.target_id)
+    versions = [db.session.get(ModelVersion, i) for i in reversed(stack)]
+    return [v for v in versions if v is not None]
 
 
 def rollback(actor: User | None = None) -> ModelVersion:
@@ -116,13 +159,12 @@ def rollback(actor: User | None = None) -> ModelVersion:
     active = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
     if active is None:
         raise RegistryError("no model is active, so there is nothing to roll back")
-    event = db.session.scalar(select(AuditEvent).where(
-        AuditEvent.action == "model.activate", AuditEvent.target_type == "model_version",
-        AuditEvent.target_id == active.id).order_by(AuditEvent.id.desc()).limit(1))
-    previous_name = (event.details or {}).get("previous") if event is not None else None
-    previous = find_version(previous_name) if previous_name else None
-    if previous is None:
+    history = activation_history()
+    earlier = [v for v in history[1:] if v.id != active.id] if history and history[0].id == active.id else []
+    if not earlier:
         raise RegistryError(f"{active.name} has no earlier active version to roll back to")
+    previous = earlier[0]
     audit("model.rollback", actor=actor, target=previous, from_version=active.name)
-    activate_version(previous, actor)
+    _activate(previous, actor, rollback=True)
+    db.session.commit()
     return previous

@@ -17,7 +17,10 @@ import click
 @click.option("--broker-url", default=None, help="Overrides CELERY_BROKER_URL (used by 'manage.py run').")
 def worker(concurrency: int | None, pool: str, loglevel: str, broker_url: str | None) -> None:
     """Start a Celery worker that predicts queued cases (the command for a GPU machine)."""
+    from webapp.models import set_command_line_actor
     from worker.app import create_worker_app
+
+    set_command_line_actor(None)  # events of the worker's tasks are the system's
 
     celery_app = create_worker_app({"CELERY_BROKER_URL": broker_url} if broker_url else None)
     flask_app = celery_app.flask_app

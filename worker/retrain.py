@@ -100,6 +100,25 @@ def _folder_fingerprint(folder: str | Path) -> str:
     return hashlib.sha256("\n".join(sorted(locked_test_digests(folder))).encode()).hexdigest()
 
 
+def check_locked_test(locked_test: str | Path, *checkpoint_metas: dict[str, Any] | None) -> int:
+    """Refuse, before any training, a locked test set that a model could not be scored on.
+
+    Each model is evaluated with its own positive classes plus the ``cancer``/``malignant``
+    synonyms, so the set must hold both a positive and a negative folder under those rules.
+    Returns the number of image files found.
+    """
+    from ml import MLError
+    from ml.data import positive_names, scan_folder
+
+    count = 0
+    for meta in checkpoint_metas or (None,):
+        try:
+            count = len(scan_folder(locked_test, positive_names((meta or {}).get("positive_classes"))))
+        except MLError as exc:
+            raise RetrainError(f"the locked test set cannot compare the models: {exc}") from None
+    return count
+
+
 def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path, *, epochs: int = 10,
             init: str = "active", promote: str = "auto", img_size: int | None = None, batch_size: int = 32,
             seed: int = 0, min_reviews: int = 1, consensus_rule: str = "majority",
@@ -129,6 +148,8 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
     if init == "active" and active is None:
         raise RetrainError("--init active: there is no active model to start from; use --init imagenet or none")
     active_path = store.path(active.file_key) if active is not None else None
+    # Checked now, not after an hour of training: both models must be scorable on it.
+    check_locked_test(locked_test, active.meta if active is not None else None, {"positive_classes": ["cancer"]})
 
     feedback = export_feedback(work / "feedback", min_reviews=min_reviews, rule=consensus_rule)
     merge = merge_training_data(base_data, work / "feedback", locked_test, work / "train")

@@ -136,15 +136,19 @@ def models_show(version: str) -> None:
 
 @models.command("promote")
 @click.argument("version")
-def models_promote(version: str) -> None:
+@click.option("--force", is_flag=True, help="promote a version that the promotion gate refused (the reasons are audited)")
+def models_promote(version: str, force: bool) -> None:
     """Make VERSION the active model; workers use it from their next case."""
-    from webapp.registry import RegistryError, promote
+    from webapp.registry import RegistryError, gate_refusal, promote
 
     with _app_context():
         try:
-            v = promote(version)
+            v = promote(version, force=force)
         except RegistryError as exc:
             raise click.ClickException(str(exc)) from None
+        refused = gate_refusal(v)
+        if refused:
+            click.echo(f"warning: the promotion gate did not promote {v.name}: {'; '.join(refused)}", err=True)
         click.echo(f"{v.name} is now the active model")
 
 

@@ -2,6 +2,7 @@
 forward, hook release, rendering, faithfulness, border share and the CLI."""
 from __future__ import annotations
 
+import copy
 import gc
 
 import numpy as np
@@ -169,15 +170,35 @@ def test_resnet_layer4_closed_form_gradient_equals_autograd_and_formula(resnet, 
             assert torch.allclose(fast[i], finish(F.relu((w[:, None, None] * a).sum(0)).float(), 96), atol=2e-5)
 
 
+def assert_close_to_float64_reference(actual: torch.Tensor, reference: torch.Tensor) -> None:
+    """A float32 map against a float64 reference of a deep network.
+
+    The same image in a batch of two differs from the exact map by up to 2.3e-3 (mean
+    2.7e-4, correlation 0.999997) with oneDNN's AVX-512/AVX2 kernels and by 3e-6 with its
+    SSE4.1 ones: summation order legitimately differs by CPU and batch size, and the final
+    min-max scaling magnifies it where a map has a small span. So: a shape test that is
+    near-exact (correlation) plus a bound 4x the worst spread measured on these kernels.
+    """
+    a, r = actual.double().flatten(), reference.double().flatten()
+    corr = torch.corrcoef(torch.stack([a, r]))[0, 1].item()
+    assert corr > 0.9999, corr
+    assert (a - r).abs().max().item() < 1e-2
+    assert (a - r).abs().mean().item() < 1e-3
+
+
 def test_named_intermediate_layer_uses_autograd_and_matches_gradcam(resnet):
     x = images(2, 64, seed=6)
     _, maps = explain(resnet, x, "gradcam", "layer3")
+    exact = copy.deepcopy(resnet).double()  # the reference in float64: no kernel's rounding
     with torch.no_grad():
-        h = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
-        acts = resnet.layer3(resnet.layer2(resnet.layer1(h)))
-    head = lambda a: resnet.fc(resnet.avgpool(resnet.layer4(a)).flatten(1))  # noqa: E731
+        h = exact.maxpool(exact.relu(exact.bn1(exact.conv1(x.double()))))
+        acts = exact.layer3(exact.layer2(exact.layer1(h)))
+    head = lambda a: exact.fc(exact.avgpool(exact.layer4(a)).flatten(1))  # noqa: E731
     for i in range(2):
-        assert torch.allclose(maps[i], reference_gradcam(acts[i], head, 64), atol=2e-5)
+        assert_close_to_float64_reference(maps[i], reference_gradcam(acts[i], head, 64))
+    # the same image alone: the batch changes only rounding, never the map
+    _, alone = explain(resnet, x[1:], "gradcam", "layer3")
+    assert_close_to_float64_reference(alone[0], maps[1])
 
 
 def test_scorecam_matches_wang_et_al_including_constant_channels(tiny):

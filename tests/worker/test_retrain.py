@@ -7,10 +7,8 @@ import io
 import time
 
 import pytest
-from click.testing import CliRunner
 from sqlalchemy import select
 
-import manage
 from tests.appfixtures import add_user, login, running_worker, wait_for_case
 from tests.ml.conftest import make_folder, synthetic_image
 from worker.retrain import PromotionDecision, RetrainError, promotion_decision
@@ -63,20 +61,6 @@ def constant_checkpoint(tmp_path):
             "input_size": 32, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "threshold": 0.5,
             "threshold_default": 0.5}
     return save_checkpoint(tmp_path / "constant.pt", model, meta)
-
-
-@pytest.fixture
-def run_cli(app, monkeypatch):
-    """manage.py against the test app's database, storage and broker."""
-    for key in ("INSTANCE_PATH", "CELERY_BROKER_URL", "TASK_QUEUE"):
-        monkeypatch.setenv(key, app.config[key])
-    monkeypatch.setenv("DATABASE_URL", app.config["SQLALCHEMY_DATABASE_URI"])
-
-    def run(*args):
-        result = CliRunner().invoke(manage.cli, [str(a) for a in args], catch_exceptions=False)
-        return result
-
-    return run
 
 
 def _review(client, case_id, verdict, label=None):

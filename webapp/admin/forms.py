@@ -1,5 +1,5 @@
 from flask_wtf import FlaskForm
-from wtforms import EmailField, PasswordField, SelectField, SubmitField
+from wtforms import BooleanField, EmailField, PasswordField, SelectField, SubmitField
 from wtforms.validators import DataRequired, Length
 
 from webapp.models import ROLES
@@ -22,6 +22,8 @@ class DeactivateForm(FlaskForm):
 
 
 class ActivationForm(FlaskForm):
-    """Promote or roll back a model version: only the CSRF token and a button."""
+    """Promote or roll back a model version: the CSRF token, a button and, for a version
+    the promotion gate refused, an explicit override."""
 
+    force = BooleanField("Override the promotion gate")
     submit = SubmitField("Make active")

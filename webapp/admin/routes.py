@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, send_file, url_for
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, send_file, url_for
 from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
@@ -100,7 +100,8 @@ def _change_active(change, success: str):
 @role_required("admin")
 def model_promote(name: str):
     version = _version(name)
-    return _change_active(lambda: promote(version.name, actor=current_user),
+    force = bool(request.form.get("force"))
+    return _change_active(lambda: promote(version.name, actor=current_user, force=force),
                           "{name} is now the active model: workers use it from their next case.")
 
 
