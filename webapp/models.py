@@ -171,6 +171,10 @@ class Prediction(db.Model):
     faithfulness: Mapped[float | None] = mapped_column(Float)
     border_share: Mapped[float | None] = mapped_column(Float)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # Three-class models: the most likely class (normal / benign / malignant) and each
+    # class's probability; None for two-class models.
+    predicted_class: Mapped[str | None] = mapped_column(String(16))
+    class_probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
