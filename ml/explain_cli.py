@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-METHOD_CHOICES = ("gradcam", "gradcam++", "scorecam", "scorecam-approx")
+METHOD_CHOICES = ("gradcam", "gradcam++", "scorecam")
 
 
 def _output_stems(images: tuple[str, ...]) -> list[str]:
@@ -29,7 +29,7 @@ def _output_stems(images: tuple[str, ...]) -> list[str]:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for <image>_overlay.png and <image>_heatmap.png.")
 @click.option("--layer", default=None, help="Target layer name (default: last block of layer4).")
-@click.option("--colormap", default="jet", show_default=True)
+@click.option("--colormap", default="viridis", show_default=True)
 @click.option("--opacity", type=click.FloatRange(0, 1), default=0.45, show_default=True)
 @click.option("--border-width", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True,
               help="Border band width as a fraction of each side.")

@@ -99,11 +99,11 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _coloured(heatmap: np.ndarray) -> Image.Image:
-    """The heatmap through the jet colour table, for the page's opacity slider."""
-    from ml.render import colormap_table
+    """The heatmap as a transparent colour layer (RGBA) for the page's opacity slider: low
+    values let the image through; the hottest region is outlined where configured."""
+    from ml.render import coloured_heatmap
 
-    index = np.clip(np.round(heatmap * 255), 0, 255).astype(np.uint8)
-    return Image.fromarray(colormap_table("jet")[index], mode="RGB")
+    return coloured_heatmap(heatmap, outline=current_app.config.get("HEATMAP_OUTLINE", True))
 
 
 def predict_case(case_id: int) -> str:
@@ -147,6 +147,8 @@ def predict_case(case_id: int) -> str:
             from ml.explain import explain_images
 
             result = explain_images(predictor, [img], method=cfg["EXPLAIN_METHOD"],
+                                    target_layer=cfg.get("EXPLAIN_LAYER") or None,
+                                    outline=cfg.get("HEATMAP_OUTLINE", True),
                                     border_warning_at=cfg["BORDER_SHARE_WARNING"])[0]
     except (MLError, OSError) as exc:
         if isinstance(exc, OSError) and not store.exists(case.image_key):
