@@ -28,7 +28,9 @@ from torch import nn
 
 from ml import MLError
 
-METHODS = ("gradcam", "gradcam++", "scorecam", "scorecam-approx")
+METHODS = ("gradcam", "gradcam++", "scorecam")
+# a fusion is named by its layers joined with "+", e.g. "layer3+layer4"
+FUSION_SEPARATOR = "+"
 
 
 # ---------------------------------------------------------------- hooks
@@ -204,8 +206,7 @@ def scorecam_channel_scores(model: nn.Module, x: torch.Tensor, activations: torc
 
 def scorecam_weights(model: nn.Module, x: torch.Tensor, activations: torch.Tensor,
                      batch_size: int = 32, score: str = "probability",
-                     channels_per_image: int | None = None,
-                     priority: torch.Tensor | None = None, fold_batchnorm: bool = True) -> torch.Tensor:
+                     fold_batchnorm: bool = True) -> torch.Tensor:
     """Score-CAM channel weights (Wang et al. 2020): alpha = softmax_k(S_k) over channels,
     S_k = f(X * s(Up(A_k))) - f(X_b).
 
@@ -217,10 +218,7 @@ def scorecam_weights(model: nn.Module, x: torch.Tensor, activations: torch.Tenso
     scaling removes, so they are skipped; other constant channels get the zero mask, whose
     input (all zeros) is the same for every image and is scored once.
 
-    ``channels_per_image`` (approximate mode) scores only that many channels per image, those
-    with the largest ``priority`` (default: total activation); unscored channels get the mean
-    score of the scored ones. ``fold_batchnorm`` runs the masked forwards on
-    :func:`folded_copy` of the model.
+    ``fold_batchnorm`` runs the masked forwards on :func:`folded_copy` of the model.
     """
     if score not in ("probability", "logit"):
         raise MLError(f"score must be 'probability' or 'logit', not {score!r}")
@@ -231,18 +229,10 @@ def scorecam_weights(model: nn.Module, x: torch.Tensor, activations: torch.Tenso
     lo, hi = flat.amin(dim=2), flat.amax(dim=2)
     varying = hi > lo
     constant_nonzero = ~varying & (lo != 0)
-    chosen = varying
-    if channels_per_image is not None and channels_per_image < c:
-        rank = (priority if priority is not None else flat.sum(dim=2)).masked_fill(~varying, float("-inf"))
-        top = rank.topk(channels_per_image, dim=1).indices
-        chosen = torch.zeros_like(varying).scatter_(1, top, True) & varying
-    pairs = chosen.nonzero()
+    pairs = varying.nonzero()
     scores = torch.full((n, c), float("nan"), device=x.device)
     scorer = folded_copy(model) if fold_batchnorm and len(pairs) > batch_size else model
     scores[pairs[:, 0], pairs[:, 1]] = scorecam_channel_scores(scorer, x, activations, pairs, batch_size, score)
-    if channels_per_image is not None:
-        fill = torch.nanmean(scores, dim=1, keepdim=True).nan_to_num(0.0).expand(n, c)
-        scores = torch.where(varying & ~chosen, fill, scores)
     if constant_nonzero.any():
         with torch.inference_mode():
             zero_logit = _logits(model(torch.zeros_like(x[:1])))[0]
@@ -262,17 +252,16 @@ def scorecam_weights(model: nn.Module, x: torch.Tensor, activations: torch.Tenso
 def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
             target_layer: str | nn.Module | None = None, *, analytic_gradient: bool = True,
             scorecam_batch_size: int = 32, scorecam_score: str = "probability",
-            approx_channels: int = 32, fold_batchnorm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            fold_batchnorm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and heatmaps for a normalised batch ``images`` (N x 3 x H x W).
 
     Returns ``(probabilities, heatmaps)``: N sigmoid probabilities (float32) and N x H x W
     heatmaps in [0, 1] at the input resolution (an all-zero map when the CAM is zero
-    everywhere). ``method`` is ``gradcam``, ``gradcam++``, ``scorecam`` (exact: every
-    channel scored) or ``scorecam-approx`` (only the ``approx_channels`` channels with the
-    largest Grad-CAM contribution -- total activation for a layer without the pooled linear
-    head -- are scored; see docs/explain.md for its accuracy).
-    ``target_layer`` is a module, a dotted module name (``"layer3"``, ``"layer4.0.conv2"``)
-    or None for the last block of layer4.
+    everywhere). ``method`` is ``gradcam``, ``gradcam++`` or ``scorecam`` (exact: every
+    channel scored).
+    ``target_layer`` is a module, a dotted module name (``"layer3"``, ``"layer4.0.conv2"``),
+    None for the last block of layer4, or a fusion of names joined by ``+``
+    (``"layer3+layer4"``: see :func:`explain_fused`).
 
     Probabilities and Grad-CAM/Grad-CAM++ maps come from one forward pass. When the target
     feeds a global-average-pool + one-logit linear head (ResNet's layer4), the gradient is
@@ -287,6 +276,10 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
         raise MLError("explain needs the model in eval mode (call model.eval())")
     if images.ndim != 4:
         raise MLError(f"images must be a N x C x H x W batch, not shape {tuple(images.shape)}")
+    if isinstance(target_layer, str) and FUSION_SEPARATOR in target_layer:
+        return explain_fused(model, images, method, target_layer.split(FUSION_SEPARATOR),
+                             analytic_gradient=analytic_gradient, scorecam_batch_size=scorecam_batch_size,
+                             scorecam_score=scorecam_score, fold_batchnorm=fold_batchnorm)
     layer = resolve_layer(model, target_layer)
     device = next(model.parameters()).device
     x = images.to(device=device, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
@@ -298,13 +291,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
             logits = _logits(model(x))
             activations = capture.captured()
         if method.startswith("scorecam"):
-            approximate = method == "scorecam-approx"
-            priority = None
-            if approximate and head is not None:
-                # the channel's Grad-CAM term: its share of the logit, free from the head
-                priority = head.view(1, -1) * activations.float().mean(dim=(2, 3))
             weights = scorecam_weights(model, x, activations, scorecam_batch_size, scorecam_score,
-                                       approx_channels if approximate else None, priority, fold_batchnorm)
+                                       fold_batchnorm=fold_batchnorm)
             return torch.sigmoid(logits), weighted_cam(weights, activations, size)
         h, w = activations.shape[-2:]
         gradients = (head.float() / (h * w)).view(1, -1, 1, 1).expand(activations.shape)
@@ -319,6 +307,27 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
     combine = gradcam_weights if method == "gradcam" else gradcampp_weights
     weights = combine(activations.float(), gradients.float())
     return torch.sigmoid(logits), weighted_cam(weights, activations, size)
+
+
+def explain_fused(model: nn.Module, images: torch.Tensor, method: str, layers: Sequence[str],
+                  **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the [0, 1] maps of several layers (e.g. ``["layer3", "layer4"]``), rescaled to
+    [0, 1]: the finer layer's grid with the coarser layer's emphasis.
+
+    Each layer is explained by :func:`explain` on its own (one forward, plus a partial
+    backward for a layer without the closed-form gradient, per layer); the probabilities
+    are those of the first run, identical for every layer.
+    """
+    names = [name.strip() for name in layers]
+    if len(names) < 2 or not all(names):
+        raise MLError(f"a fusion needs two or more layer names joined by {FUSION_SEPARATOR!r}, "
+                      f"not {FUSION_SEPARATOR.join(layers)!r}")
+    probabilities, total = None, None
+    for name in names:
+        p, maps = explain(model, images, method, name, **options)
+        probabilities = p if probabilities is None else probabilities
+        total = maps if total is None else total + maps
+    return probabilities, _minmax(total / len(names))
 
 
 # ---------------------------------------------------------------- faithfulness and border
@@ -429,7 +438,7 @@ class ExplanationResult:
 
 def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], method: str = "gradcam", *,
                    target_layer: str | None = None, batch_size: int = 8,
-                   colormap: str = "jet", opacity: float = 0.45,
+                   colormap: str = "viridis", opacity: float = 0.45, outline: bool = False,
                    faithfulness: bool = True, deletion_fraction: float = 0.2, n_random: int = 3,
                    border_width: float = 0.1, border_warning_at: float = 0.5,
                    scorecam_batch_size: int = 32) -> list[ExplanationResult]:
@@ -438,7 +447,8 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
     Images are paths or PIL images (DataError names an unreadable one), preprocessed exactly
     as ``predictor.predict`` does, so ``probability`` equals its prediction. Returns one
     :class:`ExplanationResult` per image, in order, with the heatmap, overlay and grayscale
-    heatmap at the original size. ``faithfulness=False`` skips the deletion test (its
+    heatmap at the original size; the overlay is drawn by :func:`ml.render.overlay` (low
+    values transparent; ``outline`` marks the hottest region). ``faithfulness=False`` skips the deletion test (its
     forwards cost about ``1 + n_random`` predictions per image) and leaves it None.
     ``timings`` holds milliseconds per image for ``preprocess``, ``predict_explain``,
     ``faithfulness`` and ``render`` (batch stages shared equally among the batch).
@@ -470,7 +480,7 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
             share = border_share(full, border_width)
             result = ExplanationResult(
                 probability=p, label=predictor.label_for(p), threshold=float(predictor.threshold),
-                heatmap=full, overlay=overlay(original, full, colormap, opacity),
+                heatmap=full, overlay=overlay(original, full, colormap, opacity, outline),
                 heatmap_image=heatmap_image(full),
                 faithfulness=None if test is None else test.score, border_share=share,
                 method=method, drop_top=None if test is None else test.drop_top,
