@@ -114,6 +114,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def positive_outputs(meta: dict[str, Any]) -> tuple[int, ...]:
+    """Indices of the malignant classes among a multi-class checkpoint's outputs."""
+    names = [c.lower() for c in meta["class_names"]]
+    wanted = {c.lower() for c in meta["positive_classes"]}
+    return tuple(i for i, c in enumerate(names) if c in wanted)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the network described by a checkpoint, load its weights, and return (model, meta).
 
@@ -122,7 +129,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     from ml.model import build_model
 
     payload = load_checkpoint(path)
-    model = build_model("none")
+    meta = payload["meta"]
+    num_outputs = int(meta.get("num_outputs") or 1)
+    positive = positive_outputs(meta) if num_outputs > 1 else None
+    try:
+        model = build_model("none", num_outputs, positive)
+    except MLError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
     try:
         model.load_state_dict(state, strict=True)

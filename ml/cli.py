@@ -44,7 +44,8 @@ def _logging(verbose: bool) -> None:
 @click.option("--patience", default=15, show_default=True, type=click.IntRange(1), help="early stopping: epochs without a validation ROC-AUC gain")
 @click.option("--positive", "positive_classes", multiple=True, help="positive class folder name (repeatable; default cancer, malignant)")
 @click.option("--no-group-duplicates", is_flag=True, help="split at random instead of keeping near-duplicate images on one side")
-@click.option("--pos-weight", default="auto", show_default=True, help="BCE pos_weight: auto (n_neg/n_pos), none, or a number")
+@click.option("--pos-weight", default="auto", show_default=True, help="class balance of the loss: auto (balanced), none, or a number (BCE pos_weight, binary runs)")
+@click.option("--classes", default="auto", show_default=True, type=click.Choice(["auto", "binary"]), help="auto: one output per class folder when there are 3 or more (e.g. normal/benign/malignant); binary: malignant vs the rest")
 @click.option("--no-augment", is_flag=True, help="turn off train-time augmentation")
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="validate and save an exponential moving average of the weights with this decay (e.g. 0.99); 0 = off")
 @click.option("--time-limit", "time_limit_min", type=click.FloatRange(0, min_open=True), help="stop after this many minutes (checked after each epoch)")
@@ -103,6 +104,15 @@ def evaluate(model_path: str, data: str, json_out: str | None, report_dir: str |
     click.echo(f"n={r['n']} (cancer {r['n_positive']})  roc_auc {r['roc_auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})  pr_auc {r['pr_auc']:.3f}")
     click.echo(f"at threshold {r['threshold']:.3f}: sensitivity {r['sensitivity']:.3f}  specificity {r['specificity']:.3f}"
                f"  precision {r['precision']:.3f}  f1 {r['f1']:.3f}  accuracy {r['accuracy']:.3f}")
+    click.echo(f"calibration: ECE {r['ece']:.3f} (15 bins)  Brier {r['brier']:.3f}")
+    if r.get("overlap_exact") is None:
+        click.echo(f"leakage guard: not available ({r.get('overlap_note')})", err=True)
+    elif r["overlap_exact"] or r["overlap_near"]:
+        u = r.get("unseen")
+        rest = (f"on the {u['n']} other images: roc_auc {u['roc_auc']:.3f}, sensitivity {u['sensitivity']:.3f}, "
+                f"specificity {u['specificity']:.3f}" if u else "no other images")
+        click.echo(f"WARNING: {r['overlap_exact']} of these images are the model's own training/validation images and "
+                   f"{r['overlap_near']} more are near copies of them; the figures above are flattered. {rest}", err=True)
     if r["skipped_files"]:
         click.echo(f"skipped {len(r['skipped_files'])} unreadable file(s): {', '.join(r['skipped_files'])}", err=True)
     if json_out:

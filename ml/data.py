@@ -170,6 +170,7 @@ class CachedImages:
     targets: torch.Tensor           # N float32 (0/1)
     paths: list[Path]
     skipped: list[tuple[Path, str]]  # unreadable files with the reason
+    classes: torch.Tensor | None = None  # N int64: index into the folder's class names
 
 
 def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: bool = False) -> CachedImages:
@@ -177,18 +178,19 @@ def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: 
 
     Unreadable files are logged by name and listed in ``skipped`` (``strict=True`` raises).
     """
-    tensors, targets, kept, skipped = [], [], [], []
-    iterator = zip(index.paths, index.targets)
+    tensors, targets, kept, skipped, classes = [], [], [], [], []
+    iterator = zip(index.paths, index.targets, index.class_of)
     if progress:
         from tqdm import tqdm
         iterator = tqdm(list(iterator), desc=f"decode {size}px", unit="img", leave=False)
-    for path, target in iterator:
+    for path, target, class_index in iterator:
         try:
             tensors.append(resize_to_tensor(load_image(path), size))
         except DataError as exc:
             skipped.append((path, str(exc.__cause__ or exc)))
             continue
         targets.append(float(target))
+        classes.append(int(class_index))
         kept.append(path)
     if skipped:
         names = ", ".join(str(p) for p, _ in skipped)
@@ -197,7 +199,8 @@ def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: 
         log.warning("skipped %d unreadable image file(s): %s", len(skipped), names)
     if not tensors:
         raise DataError(f"none of the {len(index)} files in {index.root} could be read")
-    return CachedImages(torch.stack(tensors), torch.tensor(targets), kept, skipped)
+    return CachedImages(torch.stack(tensors), torch.tensor(targets), kept, skipped,
+                        torch.tensor(classes, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------- near-duplicates and splits

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,36 +11,111 @@ import numpy as np
 
 from ml.data import cache_images, positive_names, scan_folder
 from ml.inference import Predictor
-from ml.metrics import (bootstrap_ci, brier, calibration_bins, precision_recall_curve,
-                        roc_curve, summarise)
+from ml.metrics import (bootstrap_ci, brier, calibration_bins, expected_calibration_error,
+                        precision_recall_curve, roc_curve, summarise)
+
+# dHash bits (of 256) within which two images count as near copies (as ml.data groups them)
+NEAR_COPY_BITS = 30
+
+
+@dataclass
+class FolderPrediction:
+    """A checkpoint's output on every readable image of an ImageFolder directory."""
+
+    y: np.ndarray                  # 0/1 malignant targets (folder names)
+    probs: np.ndarray              # calibrated malignancy probabilities
+    true_classes: list[str]        # folder name per image
+    predicted: list[str]           # model's class (multi-class) or its verdict label per image
+    paths: list[Path]
+    skipped: list
+    images: Any                    # the uint8 cache (for the leakage guard)
 
 
 def predict_folder(predictor: Predictor, data: str | Path, batch_size: int = 64,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[Path], list]:
-    """Probabilities and targets for every readable image of an ImageFolder directory.
+                   progress: bool = False) -> FolderPrediction:
+    """Calibrated probabilities, targets and classes for every readable image of ``data``.
 
     The folder's positive classes are the checkpoint's plus ``cancer`` and ``malignant``."""
+    from ml.model import malignancy_logit
+    from ml.train import model_outputs
+
     index = scan_folder(data, positive_names(predictor.meta.get("positive_classes")))
     cache = cache_images(index, predictor.input_size, progress=progress)
-    from ml.train import evaluate
-    probs, _ = evaluate(predictor.model, cache.images, None, batch_size, predictor.device,
-                        predictor.meta["mean"], predictor.meta["std"])
-    return cache.targets.numpy().astype(int), probs, cache.paths, cache.skipped
+    output = model_outputs(predictor.model, cache.images, batch_size, predictor.device,
+                           predictor.meta["mean"], predictor.meta["std"])
+    probs = predictor.calibrate(malignancy_logit(output, getattr(predictor.model, "positive_outputs", None)))
+    probs = probs.numpy().astype(np.float64)
+    classes = predictor.classes_of(output)
+    predicted = [cls if cls is not None else predictor.label_for(float(p)) for (cls, _), p in zip(classes, probs)]
+    true_classes = [index.class_names[int(c)] for c in cache.classes]
+    return FolderPrediction(cache.targets.numpy().astype(int), probs, true_classes, predicted,
+                            cache.paths, cache.skipped, cache.images)
+
+
+def class_confusion(true_classes: list[str], predicted: list[str], model_classes: list[str]) -> dict[str, Any]:
+    """Rows: the evaluated folder's classes; columns: what the model says (its classes, or
+    its normal/cancer verdict for a one-logit model); cells: image counts."""
+    rows = sorted(set(true_classes))
+    matrix = [[sum(1 for t, p in zip(true_classes, predicted) if t == r and p == c) for c in model_classes]
+              for r in rows]
+    return {"true": rows, "predicted": list(model_classes), "matrix": matrix}
+
+
+def overlap_with_training(predictor: Predictor, paths: list[Path], images) -> tuple[np.ndarray, np.ndarray] | None:
+    """(exact, near) boolean per evaluated image: the same file (sha256) as a training or
+    validation image of the checkpoint, or a near copy (dHash within NEAR_COPY_BITS bits).
+    None when the checkpoint did not record its images."""
+    import hashlib
+
+    from ml.data import difference_hash
+
+    seen = predictor.meta.get("seen_images") or {}
+    if not seen.get("sha256"):
+        return None
+    known = set(seen["sha256"])
+    exact = np.array([hashlib.sha256(Path(p).read_bytes()).hexdigest() in known for p in paths], dtype=bool)
+    near = np.zeros(len(paths), dtype=bool)
+    if seen.get("dhash"):
+        ref = np.unpackbits(np.frombuffer(bytes.fromhex("".join(seen["dhash"])), dtype=np.uint8)).reshape(-1, 256)
+        hashes = difference_hash(images)
+        for i, h in enumerate(hashes):
+            near[i] = bool(((ref != h).sum(axis=1) < NEAR_COPY_BITS).any())
+    return exact, near & ~exact
 
 
 def evaluate_folder(model_path: str | Path, data: str | Path, device: str | None = None,
                     n_boot: int = 1000, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
     """Metrics of the checkpoint at its stored threshold (and at 0.5) on ``data``.
 
-    Keys include roc_auc, roc_auc_ci (95% bootstrap), accuracy, sensitivity, specificity,
-    precision, f1, pr_auc, threshold, n, n_positive; ``_scores`` holds the raw arrays."""
+    Keys include roc_auc (malignant vs the rest), roc_auc_ci (95% bootstrap), accuracy,
+    sensitivity, specificity, precision, f1, pr_auc, threshold, n, n_positive, brier, ece
+    (15 equal-width bins), classes (the model's), class_confusion (folder class x model
+    output), and the leakage guard: overlap_exact / overlap_near (images that are, or
+    nearly are, the checkpoint's own training or validation images) with ``unseen``, the
+    metrics on the rest. Probabilities are calibrated. ``_scores`` holds the raw arrays."""
     predictor = Predictor.from_checkpoint(model_path, device)
-    y, probs, paths, skipped = predict_folder(predictor, data, batch_size, progress)
+    folder = predict_folder(predictor, data, batch_size, progress)
+    y, probs, paths, skipped = folder.y, folder.probs, folder.paths, folder.skipped
     result = summarise(y, probs, predictor.threshold)
     result["roc_auc_ci"] = list(bootstrap_ci(y, probs, n_boot=n_boot))
     result["at_0.5"] = summarise(y, probs, 0.5)
     result["brier"] = brier(y, probs)
-    result["calibration"] = calibration_bins(y, probs)
+    result["ece"] = expected_calibration_error(y, probs, 15)
+    model_classes = predictor.class_names or list(predictor.meta["labels"])
+    result["classes"] = list(predictor.meta["class_names"]) if predictor.class_names else list(predictor.meta["labels"])
+    result["confusion"] = dict(result["confusion"], **class_confusion(folder.true_classes, folder.predicted, model_classes))
+    overlap = overlap_with_training(predictor, paths, folder.images)
+    if overlap is None:
+        result["overlap_exact"] = result["overlap_near"] = None
+        result["overlap_note"] = "the checkpoint does not record its training images (trained before the leakage guard)"
+    else:
+        exact, near = overlap
+        result["overlap_exact"], result["overlap_near"] = int(exact.sum()), int(near.sum())
+        rest = ~(exact | near)
+        result["unseen"] = (summarise(y[rest], probs[rest], predictor.threshold) if rest.any() else None)
+        if result["unseen"] is not None:
+            result["unseen"]["ece"] = expected_calibration_error(y[rest], probs[rest], 15)
+    result["calibration"] = calibration_bins(y, probs, 15)
     result["model"] = str(model_path)
     result["data"] = str(data)
     result["skipped_files"] = [str(p) for p, _ in skipped]

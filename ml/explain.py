@@ -97,11 +97,12 @@ def resolve_layer(model: nn.Module, target_layer: str | nn.Module | None) -> nn.
 
 
 def _analytic_head_weight(model: nn.Module, layer: nn.Module) -> torch.Tensor | None:
-    """fc weight row if ``layer``'s output goes straight into a global average pool and a
-    one-logit linear layer (torchvision ResNet), else None.
+    """fc weight (K x C) if ``layer``'s output goes straight into a global average pool and a
+    linear layer (torchvision ResNet), else None.
 
-    Then logit = sum_c w_c * mean_hw A_c + b, so d logit / d A_c[h, w] = w_c / (H * W) at
-    every position: the gradient is known without a backward pass.
+    Then z_k = sum_c W_kc * mean_hw A_c + b_k, so d z_k / d A_c[h, w] = W_kc / (H * W) at
+    every position, and the malignancy logit's gradient is (dm/dz) W / (H * W): known
+    without a backward pass (see :func:`_score_gradient_rows`).
     """
     from torchvision.models import ResNet
 
@@ -112,17 +113,37 @@ def _analytic_head_weight(model: nn.Module, layer: nn.Module) -> torch.Tensor | 
         return None
     pool, fc = model.avgpool, model.fc
     size = pool.output_size if isinstance(pool, nn.AdaptiveAvgPool2d) else None
-    if size not in (1, (1, 1)) or not isinstance(fc, nn.Linear) or fc.out_features != 1:
+    if size not in (1, (1, 1)) or not isinstance(fc, nn.Linear):
         return None
-    return fc.weight[0]
+    return fc.weight
 
 
 # ---------------------------------------------------------------- CAM formulas
 
-def _logits(output: torch.Tensor) -> torch.Tensor:
-    if output.ndim > 2 or (output.ndim == 2 and output.shape[1] != 1):
-        raise MLError(f"explain needs a one-logit model; output shape is {tuple(output.shape)}")
-    return output.reshape(-1).float()
+def _logits(output: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The score every method explains: the malignancy logit (the logit itself for a
+    one-logit model; log-odds of the malignant classes for a multi-class one)."""
+    from ml.model import malignancy_logit
+
+    if output.ndim != 2:
+        raise MLError(f"explain needs an N x K output; output shape is {tuple(output.shape)}")
+    return malignancy_logit(output, getattr(model, "positive_outputs", None))
+
+
+def _score_gradient_rows(output: torch.Tensor, model: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """d(malignancy logit)/d(pooled features) per image (N x C) for a linear head ``weight``.
+
+    dm/dz_k is the softmax share of class k within the malignant classes (positive) or
+    within the others (negative); one logit gives dm/dz = 1 and the row is the weight itself.
+    """
+    if output.shape[1] == 1:
+        return weight.float().expand(output.shape[0], -1)
+    positive = torch.zeros(output.shape[1], dtype=torch.bool, device=output.device)
+    positive[list(model.positive_outputs)] = True
+    z = output.float()
+    dm = torch.where(positive, torch.softmax(z.masked_fill(~positive, float("-inf")), dim=1),
+                     -torch.softmax(z.masked_fill(positive, float("-inf")), dim=1))
+    return dm @ weight.float()
 
 
 def gradcam_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
@@ -199,7 +220,7 @@ def scorecam_channel_scores(model: nn.Module, x: torch.Tensor, activations: torc
                                mode="bilinear", align_corners=False)
             masks = _minmax(up[:, 0])[:, None]
             masked = (x[image_idx] * masks).contiguous(memory_format=torch.channels_last)
-            logits = _logits(model(masked))
+            logits = _logits(model(masked), model)
             out[start:start + len(pairs)] = torch.sigmoid(logits) if score == "probability" else logits
     return out
 
@@ -235,7 +256,7 @@ def scorecam_weights(model: nn.Module, x: torch.Tensor, activations: torch.Tenso
     scores[pairs[:, 0], pairs[:, 1]] = scorecam_channel_scores(scorer, x, activations, pairs, batch_size, score)
     if constant_nonzero.any():
         with torch.inference_mode():
-            zero_logit = _logits(model(torch.zeros_like(x[:1])))[0]
+            zero_logit = _logits(model(torch.zeros_like(x[:1])), model)[0]
         zero_score = torch.sigmoid(zero_logit) if score == "probability" else zero_logit
         scores = torch.where(constant_nonzero, zero_score, scores)
     # softmax over the channels that take part; the skipped all-zero ones get weight 0
@@ -288,17 +309,19 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
 
     if method.startswith("scorecam") or head is not None:
         with torch.inference_mode(), LayerCapture(layer) as capture:
-            logits = _logits(model(x))
+            output = model(x)
+            logits = _logits(output, model)
             activations = capture.captured()
+        rows = _score_gradient_rows(output, model, head) if head is not None else None
         if method.startswith("scorecam"):
             weights = scorecam_weights(model, x, activations, scorecam_batch_size, scorecam_score,
                                        fold_batchnorm=fold_batchnorm)
             return torch.sigmoid(logits), weighted_cam(weights, activations, size)
         h, w = activations.shape[-2:]
-        gradients = (head.float() / (h * w)).view(1, -1, 1, 1).expand(activations.shape)
+        gradients = (rows / (h * w))[:, :, None, None].expand(activations.shape)
     else:
         with torch.inference_mode(False), LayerCapture(layer, track_grad=True) as capture:
-            logits = _logits(model(x))
+            logits = _logits(model(x), model)
             activations = capture.captured()
             # each image's logit depends only on its own activations (eval mode), so one
             # backward of the sum gives every image's gradient
@@ -381,7 +404,7 @@ def deletion_test(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor
     fill = source.mean(dim=(2, 3), keepdim=True).expand_as(source)
     removed = torch.where(masks[:, None], fill, source).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        probs = torch.cat([torch.sigmoid(_logits(model(removed[i:i + batch_size])))
+        probs = torch.cat([torch.sigmoid(_logits(model(removed[i:i + batch_size]), model))
                            for i in range(0, len(removed), batch_size)])
     base = probabilities.to(device).float()
     drop_top = base - probs[:n]
@@ -421,7 +444,7 @@ def border_share(heatmap: np.ndarray, width: float = 0.1) -> float:
 class ExplanationResult:
     """Prediction and explanation of one image, at the image's original size."""
 
-    probability: float                 # sigmoid of the logit: the model's probability of cancer
+    probability: float                 # calibrated probability of malignancy (as Predictor.predict)
     label: str                         # predictor.label_for(probability)
     threshold: float                   # operating threshold the label used
     heatmap: np.ndarray                # float32 H x W in [0, 1], original image size
@@ -434,6 +457,8 @@ class ExplanationResult:
     drop_top: float | None = None      # parts of the faithfulness score
     drop_random: float | None = None
     border_warning: bool = False       # border_share >= the border_warning_at option
+    predicted_class: str | None = None                 # multi-class models: the most likely class
+    class_probabilities: dict[str, float] | None = None
 
 
 def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], method: str = "gradcam", *,
@@ -465,8 +490,17 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
         originals = [load_image(im) for im in chunk]
         batch = predictor.to_batch(originals)
         t1 = time.perf_counter()
-        probs, maps = explain(model, batch, method, target_layer, scorecam_batch_size=scorecam_batch_size)
+        first_output: list[torch.Tensor] = []  # the head's output of the first (unmasked) forward
+        hook = model.fc.register_forward_hook(
+            lambda _m, _i, out: None if first_output else first_output.append(out.detach().float()))
+        try:
+            probs, maps = explain(model, batch, method, target_layer, scorecam_batch_size=scorecam_batch_size)
+        finally:
+            hook.remove()
         t2 = time.perf_counter()
+        output = first_output[0]
+        shown = predictor.calibrate(_logits(output, model)).tolist()  # what the page shows
+        classes = predictor.classes_of(output)
         tests: list[Faithfulness | None] = [None] * n
         if faithfulness:
             tests = deletion_test(model, batch, maps, probs, deletion_fraction, n_random)
@@ -474,7 +508,7 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
         shared = {"preprocess": (t1 - t0) * 1e3 / n, "predict_explain": (t2 - t1) * 1e3 / n,
                   "faithfulness": (t3 - t2) * 1e3 / n}
         maps_np = maps.cpu().numpy()
-        for original, p, hm, test in zip(originals, probs.tolist(), maps_np, tests):
+        for original, p, (cls, dist), hm, test in zip(originals, shown, classes, maps_np, tests):
             t4 = time.perf_counter()
             full = resize_heatmap(hm, original.size)
             share = border_share(full, border_width)
@@ -485,7 +519,7 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
                 faithfulness=None if test is None else test.score, border_share=share,
                 method=method, drop_top=None if test is None else test.drop_top,
                 drop_random=None if test is None else test.drop_random,
-                border_warning=share >= border_warning_at)
+                border_warning=share >= border_warning_at, predicted_class=cls, class_probabilities=dist)
             result.timings = {**shared, "render": (time.perf_counter() - t4) * 1e3}
             results.append(result)
     return results

@@ -13,11 +13,18 @@ from ml.data import normalise, resize_to_tensor, load_image
 from ml.model import select_device
 
 
+# What each class folder means on the page, in the reader's words.
+CLASS_WORDS = {"normal": "no lesion", "benign": "benign-appearing", "malignant": "malignant-appearing",
+               "cancer": "malignant-appearing"}
+
+
 @dataclass(frozen=True)
 class PredictionResult:
-    probability: float   # sigmoid of the logit: model's probability of cancer
-    label: str           # "cancer" or "normal" at ``threshold``
-    threshold: float
+    probability: float   # calibrated probability of malignancy (malignant vs the rest)
+    label: str           # "cancer" (suspicious for malignancy) or "normal" at ``threshold``
+    threshold: float     # on the calibrated scale
+    predicted_class: str | None = None            # most likely class of a multi-class model
+    class_probabilities: dict[str, float] | None = None
 
 
 class Predictor:
@@ -52,15 +59,46 @@ class Predictor:
         labels = self.meta["labels"]
         return labels[1] if probability >= self.threshold else labels[0]
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes of a multi-class model, in output order; None for one logit."""
+        return list(self.meta["class_names"]) if int(self.meta.get("num_outputs") or 1) > 1 else None
+
+    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated malignancy probabilities for malignancy logits (the checkpoint's
+        calibration; an uncalibrated older checkpoint gives plain sigmoids)."""
+        c = self.meta.get("calibration") or {"a": 1.0, "b": 0.0}
+        return torch.sigmoid(logits.double() * float(c["a"]) + float(c["b"])).float()
+
     @torch.inference_mode()
+    def outputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """Raw model outputs (N x K logits)."""
+        return self.model(batch).float()
+
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(batch).float().flatten())
+        """Calibrated malignancy probability per image of a normalised batch."""
+        from ml.model import malignancy_logit
+
+        return self.calibrate(malignancy_logit(self.outputs(batch), getattr(self.model, "positive_outputs", None)))
+
+    def classes_of(self, output: torch.Tensor) -> list[tuple[str | None, dict[str, float] | None]]:
+        """(most likely class, class probabilities) per row of raw outputs; (None, None)
+        for a one-logit model."""
+        names = self.class_names
+        if names is None:
+            return [(None, None)] * len(output)
+        probs = torch.softmax(output.float(), dim=1)
+        return [(names[int(row.argmax())], {n: round(float(v), 6) for n, v in zip(names, row)}) for row in probs]
 
     def predict(self, images: Sequence[str | Path | Image.Image], batch_size: int = 32) -> list[PredictionResult]:
-        """Probability and label (at the checkpoint's operating threshold) per image, in order."""
+        """Calibrated probability, label at the operating threshold and (multi-class
+        models) the most likely class, per image, in order."""
+        from ml.model import malignancy_logit
+
         results: list[PredictionResult] = []
         for start in range(0, len(images), batch_size):
-            probs = self.probabilities(self.to_batch(images[start:start + batch_size]))
-            for p in probs.tolist():
-                results.append(PredictionResult(p, self.label_for(p), self.threshold))
+            output = self.outputs(self.to_batch(images[start:start + batch_size]))
+            probs = self.calibrate(malignancy_logit(output, getattr(self.model, "positive_outputs", None)))
+            for p, (cls, dist) in zip(probs.tolist(), self.classes_of(output)):
+                results.append(PredictionResult(p, self.label_for(p), self.threshold, cls, dist))
         return results

@@ -151,3 +151,19 @@ def summarise(y: Sequence, scores: Sequence, threshold: float) -> dict:
     out.update({"roc_auc": roc_auc(y, s), "pr_auc": average_precision(y, s),
                 "threshold": float(threshold), "n": int(len(y)), "n_positive": int(y.sum())})
     return out
+
+
+def expected_calibration_error(y: Sequence, scores: Sequence, n_bins: int = 15) -> float:
+    """ECE over ``n_bins`` equal-width bins: sum over bins of (bin share) x |observed
+    fraction positive - mean predicted probability|. NaN for no cases."""
+    y, s = _arrays(y, scores)
+    if len(y) == 0:
+        return float("nan")
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(s, edges[1:-1]), 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        inside = which == b
+        if inside.any():
+            total += inside.mean() * abs(y[inside].mean() - s[inside].mean())
+    return float(total)

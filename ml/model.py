@@ -1,4 +1,10 @@
-"""The classifier: torchvision's ResNet18 with a single-logit head (cancer vs normal)."""
+"""The classifier: torchvision's ResNet18 with one logit (cancer vs normal) or one logit
+per class (e.g. normal / benign / malignant).
+
+Whatever the head, the score a clinician sees is the *malignancy logit*: the log-odds of
+the positive classes against the rest (:func:`malignancy_logit`). Its sigmoid is the
+malignancy probability before calibration.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,13 +22,19 @@ class WeightsUnavailableError(MLError):
     """Raised when the requested starting weights cannot be obtained."""
 
 
-def build_model(weights: str | Path | None = "none") -> nn.Module:
-    """Return ResNet18 with its 1000-way fc replaced by one logit.
+def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
+                positive_outputs: tuple[int, ...] | None = None) -> nn.Module:
+    """Return ResNet18 with its 1000-way fc replaced by ``num_outputs`` logits.
 
     ``weights`` is ``"none"`` (random init), ``"imagenet"`` (torchvision's weights API;
     downloads once and caches under TORCH_HOME) or a path to a local file: either a
-    checkpoint written by this project or a plain torchvision ResNet18 state dict.
+    checkpoint written by this project or a plain torchvision ResNet18 state dict (its fc
+    is kept only when it has ``num_outputs`` rows). ``positive_outputs`` names the outputs
+    that mean malignant when ``num_outputs > 1`` (stored on the model for
+    :func:`malignancy_logit`).
     """
+    if num_outputs < 1 or num_outputs == 2:
+        raise MLError("num_outputs must be 1 (binary) or the number of classes (3 or more)")
     spec = "none" if weights is None else str(weights)
     if spec == "none":
         model = models.resnet18(weights=None)
@@ -30,11 +42,39 @@ def build_model(weights: str | Path | None = "none") -> nn.Module:
         model = _imagenet_resnet18()
     else:
         model = models.resnet18(weights=None)
-        model.fc = nn.Linear(model.fc.in_features, 1)
+    model.fc = nn.Linear(model.fc.in_features, num_outputs)
+    if spec not in ("none", "imagenet"):
         _load_local_weights(model, Path(spec))
-        return model
-    model.fc = nn.Linear(model.fc.in_features, 1)
+    set_positive_outputs(model, positive_outputs if num_outputs > 1 else (0,))
     return model
+
+
+def set_positive_outputs(model: nn.Module, positive_outputs: tuple[int, ...] | list[int] | None) -> None:
+    """Record which outputs of ``model`` are malignant classes (ignored for one logit)."""
+    n = model.fc.out_features
+    chosen = tuple(sorted(set(int(i) for i in (positive_outputs or ())))) if n > 1 else (0,)
+    if n > 1 and (not chosen or chosen[0] < 0 or chosen[-1] >= n or len(chosen) == n):
+        raise MLError(f"positive outputs {chosen} do not fit a {n}-class head")
+    model.positive_outputs = chosen
+
+
+def malignancy_logit(output: torch.Tensor, positive_outputs: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The log-odds of malignancy per image from a model's raw output (N x K).
+
+    One logit (K = 1): the logit itself. K classes: logsumexp of the positive classes'
+    logits minus logsumexp of the others, i.e. log(p_malignant / (1 - p_malignant)) under
+    the softmax; so ``sigmoid`` of it is exactly the softmax's malignant probability.
+    """
+    if output.ndim == 1:
+        return output.float()
+    if output.shape[1] == 1:
+        return output[:, 0].float()
+    if not positive_outputs:
+        raise MLError("a multi-class model needs its positive (malignant) outputs")
+    pos = torch.zeros(output.shape[1], dtype=torch.bool, device=output.device)
+    pos[list(positive_outputs)] = True
+    z = output.float()
+    return torch.logsumexp(z[:, pos], dim=1) - torch.logsumexp(z[:, ~pos], dim=1)
 
 
 def _imagenet_resnet18() -> nn.Module:
@@ -64,7 +104,9 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsUnavailableError(f"--weights: {path} holds no ResNet18 state dict")
     state = {k.removeprefix("module."): v.float() for k, v in state.items()}
-    if state.get("fc.weight") is not None and state["fc.weight"].shape[0] != 1:
+    # A head of another shape (ImageNet's 1000 classes, a binary head for a 3-class run)
+    # does not carry over: only the backbone does.
+    if state.get("fc.weight") is not None and state["fc.weight"].shape != model.fc.weight.shape:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]

@@ -22,8 +22,9 @@ from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
                      near_duplicate_groups, normalise, scan_folder, stratified_folds,
                      train_val_split)
-from ml.metrics import summarise, threshold_for_sensitivity
-from ml.model import build_model, select_device
+from ml.calibration import calibrated, fit_platt
+from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
+from ml.model import build_model, malignancy_logit, select_device
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class TrainConfig:
     device: str | None = None
     positive_classes: list[str] | None = None
     group_duplicates: bool = True
-    pos_weight: str = "auto"          # "auto" (n_neg / n_pos), "none", or a number
+    pos_weight: str = "auto"          # "auto" (balanced classes), "none", or a number (binary only)
+    classes: str = "auto"             # "auto": one output per class folder when there are 3+, else one logit; "binary"
     augment: bool = True
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
     time_limit_min: float | None = None
@@ -103,9 +105,10 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: bool = True,
                     progress: bool = False, desc: str = "train",
                     ema: torch.optim.swa_utils.AveragedModel | None = None) -> tuple[float, float, int]:
-    """One pass over (uint8 images, 0/1 targets) in shuffled batches; returns
-    (mean loss, accuracy at 0.5, images seen). A final batch of one is dropped (BatchNorm).
-    ``ema``, when given, is updated after every optimizer step."""
+    """One pass over (uint8 images, targets) in shuffled batches; returns (mean loss,
+    accuracy, images seen). Targets are 0/1 floats for a one-logit model (accuracy at 0.5)
+    or class indices for a multi-class one (accuracy of the arg-max). A final batch of
+    one is dropped (BatchNorm). ``ema``, when given, is updated after every optimizer step."""
     model.train()
     order = torch.randperm(len(images), generator=generator)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -121,7 +124,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
         # normalise() takes uint8-range values; float input is fine
         x = normalise(x, mean, std).to(device, non_blocking=True)
         y = targets[idx].to(device)
-        logits = model(x).flatten()
+        output = model(x)
+        logits = output.flatten() if output.shape[1] == 1 else output
         loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,26 +136,34 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
             scheduler.step()
         n = len(idx)
         total_loss += loss.item() * n
-        correct += int(((logits.detach() >= 0).float() == y).sum())
+        predicted = (logits.detach() >= 0).float() if logits.ndim == 1 else logits.detach().argmax(dim=1)
+        correct += int((predicted == y).sum())
         seen += n
     return total_loss / max(seen, 1), correct / max(seen, 1), seen
 
 
 @torch.inference_mode()
+def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Raw outputs (N x K logits, float32, CPU) for uint8 ``images``: eval mode, no augmentation."""
+    model.eval()
+    outputs = [model(normalise(images[i:i + batch_size].to(device), mean, std)).float().cpu()
+               for i in range(0, len(images), batch_size)]
+    return torch.cat(outputs) if outputs else torch.zeros(0, model.fc.out_features)
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None,
              batch_size: int, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
              criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
-    """Probabilities for uint8 ``images`` (eval mode, no augmentation) and the mean loss."""
-    model.eval()
-    probs, total_loss = [], 0.0
-    for i in range(0, len(images), batch_size):
-        x = normalise(images[i:i + batch_size].to(device), mean, std)
-        logits = model(x).flatten().float()
-        if criterion is not None and targets is not None:
-            total_loss += criterion(logits, targets[i:i + batch_size].to(device)).item() * len(x)
-        probs.append(torch.sigmoid(logits).cpu())
-    p = torch.cat(probs).numpy().astype(np.float64) if probs else np.zeros(0)
-    return p, total_loss / max(len(images), 1)
+    """Uncalibrated malignancy probabilities for uint8 ``images`` and the mean loss (with
+    ``criterion`` and ``targets``: 0/1 for one logit, class indices for several)."""
+    output = model_outputs(model, images, batch_size, device, mean, std)
+    loss = 0.0
+    if criterion is not None and targets is not None and len(output):
+        with torch.inference_mode():
+            loss = float(criterion(output.flatten() if output.shape[1] == 1 else output, targets.cpu()).item())
+    z = malignancy_logit(output, getattr(model, "positive_outputs", None))
+    return torch.sigmoid(z).numpy().astype(np.float64), loss
 
 
 def _pos_weight(spec: str, targets: torch.Tensor) -> torch.Tensor | None:
@@ -173,9 +185,11 @@ def _fmt(metrics: dict[str, Any]) -> str:
 
 def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, class_names: list[str],
                      positive_classes: list[str], val_metrics: dict, threshold: float,
-                     split: dict, epoch: int, history: list[EpochLog]) -> dict[str, Any]:
+                     split: dict, epoch: int, history: list[EpochLog], num_outputs: int = 1,
+                     calibration: dict | None = None, seen_images: dict | None = None) -> dict[str, Any]:
     return {
-        "architecture": "resnet18", "num_outputs": 1,
+        "architecture": "resnet18", "num_outputs": num_outputs, "calibration": calibration,
+        "seen_images": seen_images,
         "class_names": class_names, "positive_classes": positive_classes,
         "labels": list(LABEL_NAMES), "input_size": cfg.img_size,
         "resize": "square-bilinear", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
@@ -188,24 +202,60 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
     }
 
 
+def multi_class(cfg: TrainConfig, class_names: list[str]) -> bool:
+    """Whether this run learns one output per class folder (3+ folders and not --classes binary)."""
+    if cfg.classes not in ("auto", "binary"):
+        raise MLError(f"--classes must be 'auto' or 'binary', not {cfg.classes!r}")
+    return cfg.classes == "auto" and len(class_names) >= 3
+
+
+def _class_weights(classes: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Balanced weights n / (K * n_k): every class counts as much in the loss."""
+    counts = torch.bincount(classes, minlength=n_classes).float().clamp_min(1.0)
+    return counts.sum() / (n_classes * counts)
+
+
+def seen_images(cache: CachedImages, indices: np.ndarray) -> dict[str, list[str]]:
+    """sha256 and difference hash (hex) of the images at ``indices``: the leakage guard's record."""
+    from ml.data import difference_hash
+
+    hashes = difference_hash(cache.images[indices]) if len(indices) else np.zeros((0, 256), dtype=bool)
+    return {"sha256": [hashlib.sha256(cache.paths[i].read_bytes()).hexdigest() for i in indices],
+            "dhash": [np.packbits(h).tobytes().hex() for h in hashes]}
+
+
 def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_idx: np.ndarray,
               out: Path, fingerprint: dict, class_names: list[str], positive_classes: list[str],
               split_info: dict, on_epoch: Callable[[EpochLog], None] | None = None) -> dict[str, Any]:
     """Train on ``train_idx``, validate on ``val_idx`` each epoch, keep the best checkpoint by
-    validation ROC-AUC at ``out``; resumable from ``out``.resume.pt. Returns a summary."""
+    validation ROC-AUC at ``out``; resumable from ``out``.resume.pt. Returns a summary.
+
+    The saved checkpoint carries a Platt calibration fitted on the validation split at the
+    best epoch, and its threshold is on that calibrated scale."""
     device = select_device(cfg.device)
     generator = seed_everything(cfg.seed)
-    x_train, y_train = cache.images[train_idx], cache.targets[train_idx]
+    several = multi_class(cfg, class_names)
+    num_outputs = len(class_names) if several else 1
+    positive_idx = tuple(class_names.index(c) for c in positive_classes)
+    labels = cache.classes if several else cache.targets
+    x_train, y_train = cache.images[train_idx], labels[train_idx]
     x_val, y_val = cache.images[val_idx], cache.targets[val_idx]
-    model = build_model(cfg.weights).to(device, memory_format=torch.channels_last)
+    y_val_labels = labels[val_idx]
+    model = build_model(cfg.weights, num_outputs, positive_idx if several else None)
+    model = model.to(device, memory_format=torch.channels_last)
     # Validated and saved instead of the raw weights when on: a smoother model on small data.
     ema = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
         if cfg.ema else None)
     scored = ema.module if ema is not None else model
-    pw = _pos_weight(cfg.pos_weight, y_train)
-    criterion = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
-    eval_criterion = nn.BCEWithLogitsLoss()
+    if several:
+        weights = _class_weights(y_train, num_outputs) if cfg.pos_weight == "auto" else None
+        criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+        eval_criterion = nn.CrossEntropyLoss()
+    else:
+        pw = _pos_weight(cfg.pos_weight, y_train)
+        criterion = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
+        eval_criterion = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(train_idx) // cfg.batch_size)
     budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
@@ -232,6 +282,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
         start_epoch = int(state["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resume_path, start_epoch)
 
+    trained_on: dict | None = None  # the leakage guard's record, computed once
     started = time.monotonic()
     schedule.started = started
     epoch = start_epoch
@@ -241,7 +292,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                                           cfg.batch_size, generator, device, augment=cfg.augment,
                                           progress=cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}", ema=ema)
         train_seconds = time.perf_counter() - t0
-        probs, val_loss = evaluate(scored, x_val, y_val, 2 * cfg.batch_size, device, criterion=eval_criterion)
+        probs, val_loss = evaluate(scored, x_val, y_val_labels, 2 * cfg.batch_size, device, criterion=eval_criterion)
         metrics = summarise(y_val.numpy(), probs, 0.5)
         metrics["loss"] = val_loss
         entry = EpochLog(epoch, optimizer.param_groups[0]["lr"], loss, acc, train_seconds, seen,
@@ -251,13 +302,22 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
             on_epoch(entry)
         log.info("epoch %d train loss=%.3f acc=%.3f | val %s", epoch, loss, acc, _fmt(metrics))
         if metrics["roc_auc"] > best["roc_auc"]:
-            threshold = threshold_for_sensitivity(y_val.numpy(), probs, cfg.target_sensitivity)
-            at_op = summarise(y_val.numpy(), probs, threshold)
+            y_np = y_val.numpy()
+            logit = np.log(np.clip(probs, 1e-12, None)) - np.log(np.clip(1 - probs, 1e-12, None))
+            calibration = fit_platt(logit, y_np)
+            p_cal = calibrated(logit, calibration)
+            threshold = threshold_for_sensitivity(y_np, p_cal, cfg.target_sensitivity)
+            at_op = summarise(y_np, p_cal, threshold)
+            at_op["ece"] = expected_calibration_error(y_np, p_cal)
+            at_op["ece_uncalibrated"] = expected_calibration_error(y_np, probs)
             val_metrics = {"at_threshold": at_op, "at_0.5": metrics, "loss": val_loss}
             best = {"roc_auc": metrics["roc_auc"], "epoch": epoch, "threshold": threshold,
                     "val_metrics": val_metrics}
+            if trained_on is None:
+                trained_on = seen_images(cache, np.concatenate([train_idx, val_idx]))
             meta = _checkpoint_meta(cfg, cache, fingerprint, class_names, positive_classes,
-                                    val_metrics, threshold, split_info, epoch, history)
+                                    val_metrics, threshold, split_info, epoch, history, num_outputs,
+                                    calibration, trained_on)
             save_checkpoint(out, scored, meta)
             stale = 0
         else:

@@ -1,0 +1,67 @@
+"""Probability calibration of the malignancy score.
+
+Platt scaling (Platt 1999): p = sigmoid(a * z + b) on the malignancy logit z, fitted by
+maximum likelihood on validation data. Chosen over temperature scaling because the score
+shown is one malignant-vs-rest probability and training reweights the classes (balanced
+loss), which shifts the base rate: temperature alone cannot move the intercept, Platt's
+b can. With a > 0 the map is monotone, so ROC-AUC and the ranking of cases are unchanged.
+Stored in the checkpoint as ``meta["calibration"] = {"method": "platt", "a": .., "b": ..}``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from ml import MLError
+
+IDENTITY = {"method": "none", "a": 1.0, "b": 0.0}
+
+
+def fit_platt(logits: Sequence[float], y: Sequence[int], max_iter: int = 100) -> dict[str, Any]:
+    """Fit (a, b) by Newton's method on the log-loss with Platt's smoothed targets
+    ((n+ + 1)/(n+ + 2) and 1/(n- + 2)), which keeps small or separable sets finite.
+
+    Raises MLError when ``y`` lacks a class. ``a`` is kept positive (a non-positive slope
+    would reverse the ranking; then the identity slope is kept and only ``b`` is fitted).
+    """
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    t = np.asarray(y, dtype=np.float64).ravel()
+    n_pos, n_neg = float(t.sum()), float(len(t) - t.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise MLError("calibration needs both malignant and other cases")
+    target = np.where(t > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+    def loss(a: float, b: float) -> float:
+        u = a * z + b  # log-loss written with logaddexp so large scores cannot overflow
+        return float(np.sum(target * np.logaddexp(0, -u) + (1 - target) * np.logaddexp(0, u)))
+
+    a, b = 1.0, 0.0
+    current = loss(a, b)
+    for _ in range(max_iter):
+        p = 0.5 * (1 + np.tanh(0.5 * (a * z + b)))
+        w = np.maximum(p * (1 - p), 1e-12)
+        g = np.array([np.sum((p - target) * z), np.sum(p - target)])
+        h = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        scale = 1.0
+        while scale > 1e-8 and loss(a - scale * step[0], b - scale * step[1]) > current:
+            scale /= 2  # backtracking: Newton from far away can overshoot
+        a, b = a - scale * step[0], b - scale * step[1]
+        previous, current = current, loss(a, b)
+        if np.abs(scale * step).max() < 1e-10 or previous - current < 1e-12 * max(1.0, abs(current)):
+            break
+    if not (math.isfinite(a) and math.isfinite(b)) or a <= 0:
+        a, b = 1.0, float(np.log(n_pos + 1) - np.log(n_neg + 1))
+        p = 0.5 * (1 + np.tanh(0.5 * (z + b)))
+        b -= float(np.mean(p - target) / max(np.mean(p * (1 - p)), 1e-12))
+    return {"method": "platt", "a": float(a), "b": float(b), "n": int(len(t)), "n_positive": int(n_pos)}
+
+
+def calibrated(logits: np.ndarray | float, calibration: dict[str, Any] | None) -> np.ndarray | float:
+    """The calibrated malignancy probability for malignancy logits (identity when None)."""
+    c = calibration or IDENTITY
+    z = np.asarray(logits, dtype=np.float64) * float(c["a"]) + float(c["b"])
+    p = 0.5 * (1 + np.tanh(0.5 * z))  # the sigmoid, without overflow
+    return float(p) if np.ndim(p) == 0 else p
