@@ -51,6 +51,7 @@ def celery_settings(app_config: dict, broker_url: str | None) -> dict:
         "task_reject_on_worker_lost": True,
         # One job at a time per process: a long job never holds a second one hostage.
         "worker_prefetch_multiplier": 1,
+        "worker_proc_alive_timeout": app_config["WORKER_PROC_ALIVE_TIMEOUT"],
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_hijack_root_logger": False,
         "task_serializer": "json",

@@ -65,6 +65,10 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # margin, or a slow job would run twice; see docs/operations.md.
         "BROKER_VISIBILITY_TIMEOUT": _env_int("BROKER_VISIBILITY_TIMEOUT", 600),
         "WORKER_CONCURRENCY": _env_int("WORKER_CONCURRENCY", 1),
+        # Celery kills a new pool process that has not reported itself ready within this
+        # many seconds. Our processes report at once (the model loads afterwards, in the
+        # background), so this only catches a process that hangs while starting.
+        "WORKER_PROC_ALIVE_TIMEOUT": float(_env("WORKER_PROC_ALIVE_TIMEOUT", "20")),
         "WORKER_DEVICE": _env("WORKER_DEVICE"),  # None: CUDA when available, else CPU
         "WORKER_TORCH_THREADS": _env_int("WORKER_TORCH_THREADS", 0),  # 0: torch default
         "EXPLAIN_METHOD": _env("EXPLAIN_METHOD", "gradcam"),

@@ -30,6 +30,13 @@ def worker(concurrency: int | None, pool: str, loglevel: str, broker_url: str | 
             f"{flask_app.instance_path}. Start 'python manage.py run' on this machine, or set "
             "CELERY_BROKER_URL=redis://HOST:6379/0 (the same value as the web server's).")
     concurrency = concurrency or flask_app.config["WORKER_CONCURRENCY"]
+    if pool == "prefork":
+        # Imported once here, before the pool forks: every pool process, replacements
+        # included, inherits torch and torchvision instead of spending seconds importing
+        # them again. (Imports only: no torch work runs in this process, so nothing
+        # unsafe to fork is running.)
+        import ml.explain  # noqa: F401
+        import ml.inference  # noqa: F401
     celery_app.worker_main([
         "worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--pool={pool}",
         f"--queues={flask_app.config['TASK_QUEUE']}", f"--hostname=predict-{os.getpid()}@%h",

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import shared_task
 from celery.signals import worker_process_init
+from flask import current_app
 from sqlalchemy.exc import OperationalError
 
 from worker import prediction
@@ -22,6 +24,7 @@ MAX_RETRIES = 5
              retry_backoff_max=60, retry_jitter=True)
 def predict_case(self, case_id: int) -> str:
     """Predict and explain one case; the outcome is written to the Case row."""
+    _configure_torch(current_app)
     try:
         return prediction.predict_case(case_id)
     except TRANSIENT_ERRORS as exc:
@@ -40,7 +43,15 @@ def predict_case(self, case_id: int) -> str:
 
 @worker_process_init.connect
 def _prepare_worker_process(**_kwargs) -> None:
-    """In each new pool process: fresh database connections, torch threads, warm model."""
+    """In each new pool process: fresh database connections, then the model loads in the
+    background.
+
+    Celery kills a pool process that has not reported itself ready within
+    `worker_proc_alive_timeout` seconds, and it reports only after this handler returns.
+    Importing torch and reading the checkpoint can take longer than that on a busy machine,
+    so this handler does only what is instant and leaves the rest to a thread: the first
+    task waits for the model (the model cache's lock) instead of the process being killed.
+    """
     from celery import current_app as celery_app
 
     flask_app = getattr(celery_app, "flask_app", None)
@@ -50,15 +61,38 @@ def _prepare_worker_process(**_kwargs) -> None:
         from webapp.extensions import db
 
         db.engine.dispose(close=False)  # connections inherited from the parent are not ours
-        threads = flask_app.config["WORKER_TORCH_THREADS"]
-        if threads:
-            import torch
+    threading.Thread(target=_warm_up, args=(flask_app,), name="model-warm-up", daemon=True).start()
 
-            torch.set_num_threads(threads)
-        version = prediction.active_version()
-        if version is not None:
-            try:  # loading now makes the first case as fast as the others
+
+_torch_configured = threading.local()
+
+
+def _configure_torch(flask_app) -> None:
+    """Apply WORKER_TORCH_THREADS in the calling thread, once, before it runs torch code
+    (OpenMP keeps the setting per thread, so the warm-up thread and the task's thread each
+    set it)."""
+    if getattr(_torch_configured, "done", False):
+        return
+    threads = flask_app.config["WORKER_TORCH_THREADS"]
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    _torch_configured.done = True
+
+
+def _warm_up(flask_app) -> None:
+    """Load the active model so that the first case is as fast as the others (best effort)."""
+    with flask_app.app_context():
+        from webapp.extensions import db
+
+        try:
+            _configure_torch(flask_app)
+            version = prediction.active_version()
+            if version is not None:
                 prediction.model_cache.get(version)
-            except Exception as exc:  # the task will report it on the case
-                log.warning("could not preload model %s: %s", version.name, exc)
-        db.session.remove()
+                log.info("model %s loaded", version.name)
+        except Exception as exc:  # noqa: BLE001 - a task will meet the same error and report it on its case
+            log.warning("could not preload the model: %s", exc)
+        finally:
+            db.session.remove()
