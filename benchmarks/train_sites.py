@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Train from scratch (no ImageNet weights) on two hospitals and judge on a third.
+
+    .venv/bin/python benchmarks/train_sites.py --minutes 30        # the quoted figure
+    .venv/bin/python benchmarks/train_sites.py --minutes 3         # a quick look
+
+Trains on BUSI (Egypt) + BrEaST-Lesions-USG (Poland) as one three-class ImageFolder
+(normal / benign / malignant), with the project's `ml.train.fit` (grouped 80/20 split,
+Platt calibration on the validation part, threshold for the target sensitivity), then
+prints per site: ROC-AUC (malignant vs rest) with a 95 % bootstrap interval that
+resamples patients (BUS-UCLM: the file-name prefix; BrEaST: one image per patient;
+BUSI: near-duplicate groups), sensitivity and specificity at the stored threshold, and
+ECE (15 bins). BUS-UCLM (Spain) is never trained on. `--sites` picks other sites;
+`--loso` trains once per held-out site (leave-one-site-out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ml.data import cache_images, near_duplicate_groups, scan_folder, train_val_split  # noqa: E402
+from ml.evaluate import predict_folder  # noqa: E402
+from ml.inference import Predictor  # noqa: E402
+from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
+from ml.train import TrainConfig, fit  # noqa: E402
+
+HERE = Path(__file__).resolve().parents[1]
+DATA = HERE.parent / "shared" / "data"
+SITES = {"busi": "BUSI (Egypt)", "breast-lesions-usg": "BrEaST-Lesions-USG (Poland)", "bus-uclm": "BUS-UCLM (Spain)"}
+CLASSES = ("benign", "malignant", "normal")
+
+
+def link_folder(out: Path, files: list[tuple[str, Path, str]]) -> Path:
+    """An ImageFolder of symlinks: (site, file, class) -> out/class/site__name."""
+    for site, path, cls in files:
+        target = out / cls / f"{site}__{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.symlink(path.resolve(), target)
+    return out
+
+
+def site_files(site: str) -> list[tuple[str, Path, str]]:
+    root = DATA / site
+    return [(site, p, cls) for cls in CLASSES for p in sorted((root / cls).glob("*")) if p.is_file()]
+
+
+def patient_of(path: Path, site: str) -> str:
+    name = path.name.split("__", 1)[-1]
+    return name[:4] if site == "bus-uclm" else name
+
+
+def patient_bootstrap(y: np.ndarray, p: np.ndarray, groups: list[str], n_boot: int = 1000, seed: int = 0):
+    """95 % percentile interval of ROC-AUC resampling whole patients with replacement."""
+    rng = np.random.default_rng(seed)
+    ids = sorted(set(groups))
+    members = {g: np.flatnonzero(np.array(groups) == g) for g in ids}
+    values = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.choice(ids, len(ids))])
+        if 0 < y[idx].sum() < len(idx):
+            values.append(roc_auc(y[idx], p[idx]))
+    return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+
+
+def judge(predictor: Predictor, folder: Path, site: str, groups: list[str] | None = None) -> dict:
+    fp = predict_folder(predictor, folder)
+    m = summarise(fp.y, fp.probs, predictor.threshold)
+    groups = groups or [patient_of(Path(p), site) for p in fp.paths]
+    lo, hi = patient_bootstrap(fp.y, fp.probs, groups)
+    return {"n": m["n"], "n_malignant": m["n_positive"], "roc_auc": m["roc_auc"], "ci": [lo, hi],
+            "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+            "ece": expected_calibration_error(fp.y, fp.probs, 15), "threshold": predictor.threshold,
+            "class_accuracy": float(np.mean([t == q for t, q in zip(fp.true_classes, fp.predicted)]))}
+
+
+def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict:
+    merged = link_folder(work / "train", [f for s in train_sites for f in site_files(s)])
+    out = work / "model.pt"
+    cfg = TrainConfig(data=str(merged), out=str(out), epochs=10_000, img_size=args.img_size,
+                      batch_size=32, seed=args.seed, time_limit_min=args.minutes, patience=10_000,
+                      ema=args.ema, weights="none", progress=False)
+    t0 = time.perf_counter()
+    result = fit(cfg)
+    minutes = (time.perf_counter() - t0) / 60
+    # the validation split fit() used, rebuilt the same way, to judge each site's part
+    index = scan_folder(merged)
+    cache = cache_images(index, args.img_size)
+    groups = near_duplicate_groups(cache.images)
+    _, val_idx = train_val_split(cache.targets.numpy().astype(int), cfg.val_split, cfg.seed, groups)
+    predictor = Predictor.from_checkpoint(out, "cpu")
+    report = {"train_sites": train_sites, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
+              "epochs_run": len(result["history"]), "sites": {}}
+    for site in train_sites:
+        files = [(site, Path(os.readlink(cache.paths[i])), index.class_names[int(cache.classes[i])])
+                 for i in val_idx if cache.paths[i].name.startswith(site + "__")]
+        part = link_folder(work / f"val-{site}", files)
+        report["sites"][f"{site} (validation part)"] = judge(predictor, part, site)
+    for site in test_sites:
+        report["sites"][f"{site} (never trained on)"] = judge(predictor, DATA / site, site)
+    return report
+
+
+def show(report: dict) -> None:
+    print(f"trained on {' + '.join(report['train_sites'])}: {report['epochs_run']} epochs in "
+          f"{report['minutes']} min, best epoch {report['best_epoch']}")
+    print(f"{'site':42} {'n':>4} {'mal':>4} {'ROC-AUC (95% CI, by patient)':>30} {'sens':>6} {'spec':>6} {'ECE':>6} {'class acc':>9}")
+    for name, m in report["sites"].items():
+        ci = f"{m['roc_auc']:.3f} ({m['ci'][0]:.3f}-{m['ci'][1]:.3f})"
+        print(f"{name:42} {m['n']:4d} {m['n_malignant']:4d} {ci:>30} {m['sensitivity']:6.3f} "
+              f"{m['specificity']:6.3f} {m['ece']:6.3f} {m['class_accuracy']:9.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30.0, help="training time per run (wall clock)")
+    ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--ema", type=float, default=0.99)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loso", action="store_true", help="leave-one-site-out: one run per held-out site")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", help="write the reports here")
+    ap.add_argument("--keep", help="keep the model(s) in this folder")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    missing = [s for s in SITES if not (DATA / s).is_dir()]
+    if missing:
+        sys.exit(f"missing data folders under {DATA}: {', '.join(missing)}")
+    plans = ([([s for s in SITES if s != held], [held]) for held in SITES] if args.loso
+             else [(["busi", "breast-lesions-usg"], ["bus-uclm"])])
+    reports = []
+    for train_sites, test_sites in plans:
+        with tempfile.TemporaryDirectory(prefix="sites-") as tmp:
+            report = run(train_sites, test_sites, args, Path(tmp))
+            if args.keep:
+                Path(args.keep).mkdir(parents=True, exist_ok=True)
+                name = "+".join(train_sites) + ".pt"
+                (Path(args.keep) / name).write_bytes((Path(tmp) / "model.pt").read_bytes())
+        show(report)
+        reports.append(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=2))
+
+
+if __name__ == "__main__":
+    main()
