@@ -57,18 +57,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin_bp)
     app.register_blueprint(reviews_bp)
     errors.register(app)
-    from webapp.formatting import figure
+    from webapp.formatting import class_words, figure, verdict_words
 
-    app.jinja_env.filters["figure"] = figure
+    app.jinja_env.filters.update(figure=figure, verdict_words=verdict_words, class_words=class_words)
 
     @app.get("/")
     def index():  # the case list is the home page
         return redirect(url_for("cases.case_list"))
 
     @app.get("/healthz")
-    def healthz():  # for load balancers: the process answers and the database is reachable
-        db.session.execute(db.text("SELECT 1"))
-        return {"status": "ok"}
+    def healthz():  # for load balancers and monitoring: 503 names what fails
+        from webapp.health import health_report
+
+        return health_report(app)
 
     from webapp.background import celery_init_app
 

@@ -142,6 +142,22 @@ def users_deactivate(email: str) -> None:
         click.echo(f"{user.email} deactivated")
 
 
+@click.command()
+def sweep() -> None:
+    """Send queued cases the broker has not taken yet, and again those whose job was lost.
+
+    Every worker does this by itself every SWEEP_INTERVAL seconds; this runs one pass now.
+    """
+    from webapp.background import sweep_cases
+
+    with _app_context() as app:
+        result = sweep_cases(app)
+    click.echo(f"sent from the outbox: {len(result.sent)}; lost jobs sent again: {len(result.resent)}; "
+               f"still waiting: {result.waiting}")
+    if result.waiting:
+        raise click.ClickException("the broker did not take every case; see the log, then run again")
+
+
 def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
@@ -212,4 +228,4 @@ def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
             broker.stop()
 
 
-COMMANDS = [init, users, run]
+COMMANDS = [init, users, run, sweep]

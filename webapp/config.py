@@ -64,6 +64,9 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # exceed the longest job (model load + Grad-CAM: seconds on a CPU) by a wide
         # margin, or a slow job would run twice; see docs/operations.md.
         "BROKER_VISIBILITY_TIMEOUT": _env_int("BROKER_VISIBILITY_TIMEOUT", 600),
+        # Every worker sweeps this often (seconds; 0: never): it sends the cases that the
+        # broker refused (the outbox) and sends again those whose job was lost.
+        "SWEEP_INTERVAL": _env_int("SWEEP_INTERVAL", 30),
         "WORKER_CONCURRENCY": _env_int("WORKER_CONCURRENCY", 1),
         # Celery kills a new pool process that has not reported itself ready within this
         # many seconds. Our processes report at once (the model loads afterwards, in the

@@ -1,4 +1,4 @@
-"""Upload intake: check each image, store it by content, open a case, enqueue the job.
+"""Upload intake: check each image, store it by content, open a case, send the job.
 
 Callable without HTTP: `receive_uploads` is what the upload route runs.
 """
@@ -13,10 +13,9 @@ from pathlib import PurePath
 from flask import current_app
 from PIL import Image, UnidentifiedImageError
 
-from webapp.background import enqueue_prediction
-from webapp.broker import BrokerUnavailable
+from webapp.background import is_stuck, send_case
 from webapp.extensions import db
-from webapp.models import Case, User, audit
+from webapp.models import Case, User, audit, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ class ImageInfo:
 class UploadOutcome:
     accepted: list[Case] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (filename, reason)
-    not_queued: list[Case] = field(default_factory=list)  # stored, but the queue was down
+    not_queued: list[Case] = field(default_factory=list)  # stored and queued, but the broker refused (outbox)
 
 
 def _mb(n: int) -> str:
@@ -87,11 +86,12 @@ def display_name(filename: str | None) -> str:
 
 
 def receive_uploads(files: list[tuple[str, bytes]], note: str | None, uploader: User) -> UploadOutcome:
-    """Open one queued case per acceptable file and enqueue its prediction.
+    """Open one queued case per acceptable file and send its prediction job.
 
     Each case is committed on its own (with its audit event) before its job is sent, so
     a bad file, or a broker that is down, never undoes the other files. A case whose job
-    could not be sent is marked failed with the reason and can be re-run.
+    the broker refused stays queued in the outbox (`not_queued`); the sweep sends it once
+    the broker is back.
     """
     cfg = current_app.config
     store = current_app.extensions["file_store"]
@@ -105,29 +105,19 @@ def receive_uploads(files: list[tuple[str, bytes]], note: str | None, uploader: 
             outcome.rejected.append((name, str(exc)))
             continue
         key, digest = store.put(data, "images", ACCEPTED_FORMATS[info.format])
+        # Marked as dispatched before the job is sent, so that the sweep leaves it alone;
+        # `send_case` puts it back in the outbox if the broker refuses.
         case = Case(uploader_id=uploader.id, status="queued", image_sha256=digest, image_key=key,
                     image_format=info.format, original_filename=name, width=info.width,
-                    height=info.height, note=note)
+                    height=info.height, note=note, dispatched_at=utcnow())
         db.session.add(case)
         db.session.flush()
         audit("case.upload", actor=uploader, target=case, sha256=digest)
         db.session.commit()
         outcome.accepted.append(case)
-        if not queue_case(case):
+        if not send_case(current_app._get_current_object(), case.id):
             outcome.not_queued.append(case)
     return outcome
-
-
-def queue_case(case: Case) -> bool:
-    """Send the case's job; on failure mark it failed with the reason. True if sent."""
-    try:
-        enqueue_prediction(current_app._get_current_object(), case.id)
-    except BrokerUnavailable as exc:
-        case.status = "failed"
-        case.error = f"Not queued: {exc}. Re-run the case once the worker is running."
-        db.session.commit()
-        return False
-    return True
 
 
 class RerunRefused(ValueError):
@@ -135,12 +125,25 @@ class RerunRefused(ValueError):
 
 
 def rerun_case(case: Case, actor: User) -> bool:
-    """Queue a finished case again (the prediction uses the active model). True if queued."""
-    if case.status in ("queued", "running"):
-        raise RerunRefused("the case is already waiting for or running its prediction")
+    """Queue a case again (the prediction uses the active model); True if the broker took
+    the job, False if it waits in the outbox.
+
+    A finished case can always be re-run. A case still queued or running is sent again
+    only when its job looks lost (no progress for the visibility timeout, or waiting in
+    the outbox), or when an admin insists; a duplicate job gives no second result.
+    """
+    app = current_app._get_current_object()
+    pending = case.status in ("queued", "running")
+    if pending and actor.role != "admin" and not is_stuck(app, case):
+        minutes = max(1, round(app.config["BROKER_VISIBILITY_TIMEOUT"] / 60))
+        raise RerunRefused(
+            "the case is already waiting for or running its prediction; if nothing changes "
+            f"within {minutes} minute(s) it is sent again automatically, or you can re-run it then")
+    was = case.status
     case.status = "queued"
     case.error = None
     case.started_at = case.finished_at = None
-    audit("case.rerun", actor=actor, target=case)
+    case.dispatched_at = utcnow()
+    audit("case.rerun", actor=actor, target=case, was=was)
     db.session.commit()
-    return queue_case(case)
+    return send_case(app, case.id)

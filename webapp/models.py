@@ -44,6 +44,9 @@ class User(UserMixin, db.Model):
     last_login_at: Mapped[datetime | None] = mapped_column(DateTime)
     # Blinded review: this reviewer labels each case before seeing the model's output.
     blinded_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Part of every session's identity: raising it (sign-out, deactivation) ends all of
+    # this user's sessions, whatever cookies are still around.
+    session_version: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password)
@@ -124,6 +127,9 @@ class Case(db.Model):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the job was last handed to the broker; None while a queued case waits in the
+    # outbox (the broker refused it) for the sweep to send it.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime)
     label: Mapped[str | None] = mapped_column(String(16))
     probability: Mapped[float | None] = mapped_column(Float)
     # Maintained by the review feature; kept here so "unreviewed" is an indexed filter.
@@ -182,6 +188,14 @@ class Prediction(db.Model):
     model_version: Mapped[ModelVersion] = relationship()
 
     __table_args__ = (UniqueConstraint("case_id", "model_version_id"),)
+
+
+class Heartbeat(db.Model):
+    """The last time a component wrote to the database (`/healthz` proves writes work)."""
+
+    __tablename__ = "heartbeat"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    beat_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class AuditEvent(db.Model):
@@ -271,6 +285,7 @@ class Review(db.Model):
 
     case: Mapped[Case] = relationship()
     reviewer: Mapped[User] = relationship()
+    prediction: Mapped[Prediction | None] = relationship()
     model_version: Mapped[ModelVersion | None] = relationship()
     revisions: Mapped[list[ReviewRevision]] = relationship(
         back_populates="review", order_by="ReviewRevision.revision", cascade="all, delete-orphan")

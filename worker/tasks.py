@@ -5,7 +5,7 @@ import logging
 import threading
 
 from celery import shared_task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from flask import current_app
 from sqlalchemy.exc import OperationalError
 
@@ -96,3 +96,57 @@ def _warm_up(flask_app) -> None:
             log.warning("could not preload the model: %s", exc)
         finally:
             db.session.remove()
+
+
+class _Sweeper:
+    """The periodic sweep of the worker's main process: outbox cases and lost jobs are sent
+    (see `webapp.background.sweep_cases`). Every worker runs one; their claims on the
+    database keep them from sending a case twice."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, flask_app) -> None:
+        interval = flask_app.config["SWEEP_INTERVAL"]
+        if interval <= 0 or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, args=(flask_app, interval), name="case-sweep",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self, flask_app, interval: int) -> None:
+        from webapp.background import sweep_cases
+        from webapp.extensions import db
+
+        while not self._stop.is_set():
+            with flask_app.app_context():
+                try:
+                    sweep_cases(flask_app)
+                except Exception:  # noqa: BLE001 - the database may be away; try again next time
+                    log.exception("sweep failed; trying again in %s s", interval)
+                finally:
+                    db.session.remove()
+            self._stop.wait(interval)
+
+
+sweeper = _Sweeper()
+
+
+@worker_ready.connect
+def _start_sweeper(sender=None, **_kwargs) -> None:
+    flask_app = getattr(getattr(sender, "app", None), "flask_app", None)
+    if flask_app is not None:
+        sweeper.start(flask_app)
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_kwargs) -> None:
+    sweeper.stop()

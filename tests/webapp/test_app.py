@@ -95,4 +95,6 @@ def test_session_cookie_is_http_only_and_same_site(app, client):
 
 
 def test_healthz(client):
-    assert client.get("/healthz").get_json() == {"status": "ok"}
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "database": "ok", "broker": "ok"}

@@ -48,11 +48,15 @@ def _register(app, checkpoint, meta):
         return register_model_version(checkpoint, meta, name="slow-load", activate=True).id
 
 
-def _start_worker(app, log_path):
+def start_worker(app, log_path, **settings):
+    """`manage.py worker` (prefork, one process) in its own session, configured by
+    environment variables as in production; ``settings`` add or override some."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STORAGE_DIR")}
     env.update(INSTANCE_PATH=app.config["INSTANCE_PATH"], DATABASE_URL=app.config["SQLALCHEMY_DATABASE_URI"],
-               CELERY_BROKER_URL=app.config["CELERY_BROKER_URL"], TASK_QUEUE=app.config["TASK_QUEUE"],
-               WORKER_TORCH_THREADS="1", WORKER_PROC_ALIVE_TIMEOUT=str(ALIVE_TIMEOUT_S))
+               STORAGE_DIR=app.config["STORAGE_DIR"], CELERY_BROKER_URL=app.config["CELERY_BROKER_URL"],
+               TASK_QUEUE=app.config["TASK_QUEUE"], WORKER_TORCH_THREADS="1",
+               WORKER_PROC_ALIVE_TIMEOUT=str(ALIVE_TIMEOUT_S))
+    env.update({key: str(value) for key, value in settings.items()})
     return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "manage.py"), "worker", "--pool", "prefork",
                              "--concurrency", "1", "--loglevel", "info"],
                             cwd=PROJECT_ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
@@ -88,7 +92,7 @@ def test_a_killed_pool_process_is_replaced_and_finishes_the_job_despite_a_slow_m
     client = app.test_client()
     login(client, "doc@example.org")
     log_path = tmp_path / "worker.log"
-    worker = _start_worker(app, log_path)
+    worker = start_worker(app, log_path)
     try:
         response = client.post("/cases/upload", data={"images": [(io.BytesIO(image_bytes()), "a.png")]})
         assert response.status_code == 303

@@ -4,6 +4,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user
 
 from webapp.auth.roles import ANY_ROLE, role_required
+from webapp.background import is_stuck
 from webapp.caselist import SORTS, BadQuery, list_cases
 from webapp.cases.forms import RerunForm, UploadForm
 from webapp.extensions import db
@@ -47,8 +48,12 @@ def case_list():
     except BadQuery as exc:
         abort(400, description=str(exc))
     hidden = blinded_case_ids(current_user, [c.id for c in page.cases])
+    # Cases whose job looks lost: the list offers "Send again" to those who may re-run them.
+    app = current_app._get_current_object()
+    resendable = {c.id for c in page.cases if is_stuck(app, c) and _may_rerun(c)}
     return render_template("cases/list.html", page=page, filters=filters, sort=sort, sorts=SORTS,
-                           statuses=CASE_STATUSES, labels=LABELS, hidden=hidden, blinded=blinded)
+                           statuses=CASE_STATUSES, labels=LABELS, hidden=hidden, blinded=blinded,
+                           resendable=resendable)
 
 
 @bp.route("/cases/upload", methods=["GET", "POST"])
@@ -65,12 +70,13 @@ def upload():
     outcome = receive_uploads(files, form.note.data, current_user)
     for name, reason in outcome.rejected:
         flash(f"{name} was not accepted: {reason}.", "error")
-    for case in outcome.not_queued:
-        flash(f"{case.original_filename} was stored as case {case.id} but not queued: {case.error}", "error")
+    if outcome.not_queued:
+        names = ", ".join(f"{c.original_filename} (case {c.id})" for c in outcome.not_queued)
+        flash(f"Stored and waiting: {names}. The prediction service is not reachable just now; "
+              "these cases are sent to it automatically as soon as it is back.", "info")
     if not outcome.accepted:
         return render_template("cases/upload.html", form=form), 400
-    queued = len(outcome.accepted) - len(outcome.not_queued)
-    flash(f"{len(outcome.accepted)} image(s) received; {queued} queued for prediction.", "info")
+    flash(f"{len(outcome.accepted)} image(s) received and queued for prediction.", "info")
     if len(outcome.accepted) == 1:
         return redirect(url_for("cases.case_page", case_id=outcome.accepted[0].id), 303)
     return redirect(url_for("cases.case_list"), 303)
@@ -133,7 +139,8 @@ def rerun(case_id: int):
     except RerunRefused as exc:
         flash(f"Not re-run: {exc}.", "error")
         return redirect(url_for("cases.case_page", case_id=case.id), 303)
-    flash("Queued again." if queued else f"Could not queue: {case.error}", "info" if queued else "error")
+    flash("Queued again." if queued else "Queued again; the prediction service is not reachable just now, "
+          "so the case is sent to it automatically as soon as it is back.", "info")
     return redirect(url_for("cases.case_page", case_id=case.id), 303)
 
 
