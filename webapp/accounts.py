@@ -109,8 +109,14 @@ def deactivate(user: User, actor: User | None = None) -> None:
     if user.role == "admin" and _active_admins() <= 1:
         raise AccountError("this is the last active admin; make another admin first")
     user.active = False
+    end_sessions(user)
     audit("user.deactivate", actor=actor, target=user)
     db.session.commit()
+
+
+def end_sessions(user: User) -> None:
+    """End every session of ``user`` from its next request on (the caller commits)."""
+    user.session_version = (user.session_version or 0) + 1
 
 
 def has_admin() -> bool:

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
-from webapp.accounts import SignInThrottled, authenticate
+from webapp.accounts import SignInThrottled, authenticate, end_sessions
 from webapp.auth.forms import LoginForm
 from webapp.extensions import db, login_manager
 from webapp.models import User, audit
@@ -13,11 +13,20 @@ from webapp.models import User, audit
 bp = Blueprint("auth", __name__)
 
 
+# The session records the account's session version at sign-in; raising the version in
+# the database (sign-out, deactivation) turns every earlier cookie of that user away, even
+# a copy saved before, since the cookie itself cannot be recalled.
+SESSION_VERSION_KEY = "_session_version"
+
+
 @login_manager.user_loader
 def load_user(user_id: str) -> User | None:
+    """The signed-in user of this request, or None when the account is deactivated or the
+    session was ended (its version is older than the account's)."""
     user = db.session.get(User, int(user_id))
-    # A deactivated account loses its live sessions too, not only future sign-ins.
-    return user if user is not None and user.active else None
+    if user is None or not user.active:
+        return None
+    return user if session.get(SESSION_VERSION_KEY) == user.session_version else None
 
 
 def _safe_next(target: str | None) -> str:
@@ -43,6 +52,7 @@ def login():
             return render_template("auth/login.html", form=form), 429
         if user is not None:
             login_user(user)
+            session[SESSION_VERSION_KEY] = user.session_version
             return redirect(_safe_next(request.args.get("next")))
         flash("Wrong email or password, or the account is deactivated.", "error")
         status = 401
@@ -54,6 +64,9 @@ def login():
 @bp.post("/logout")
 @login_required
 def logout():
+    """Sign out: ends this session and every other session of the account (other
+    browsers, copied cookies) by raising its session version."""
+    end_sessions(current_user)
     audit("logout", actor=current_user)
     db.session.commit()
     logout_user()
