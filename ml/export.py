@@ -20,9 +20,10 @@ from PIL import Image, ImageOps
 
 from ml import MLError
 
-EXPORT_LABELS = ("cancer", "normal")
+# The class folders of an export and of merged training data (malignant = the positive class).
+EXPORT_LABELS = ("malignant", "benign", "normal")
 MANIFEST = "manifest.csv"
-MANIFEST_FIELDS = ("case_id", "file", "label", "source", "n_reviews", "votes_cancer", "votes_normal",
+MANIFEST_FIELDS = ("case_id", "file", "label", "verdict", "class_source", "source", "n_reviews", "votes_cancer", "votes_normal",
                    "model_label", "model_version", "sha256", "file_sha256", "first_review_at", "last_review_at")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm"}
 
@@ -38,7 +39,7 @@ class FeedbackImage:
 
     case_id: int
     image: Path | bytes
-    label: str
+    label: str                       # the class folder: malignant, benign or normal
     sha256: str
     source: str = ""                 # "model-confirmed" or "reviewer-corrected"
     n_reviews: int = 0
@@ -48,6 +49,8 @@ class FeedbackImage:
     model_version: str = ""
     first_review_at: str = ""
     last_review_at: str = ""
+    verdict: str = ""                # the reviewers' consensus: cancer (malignant) or normal (not)
+    class_source: str = ""           # where a not-malignant class came from: reviewers, model or default
 
 
 @dataclass
@@ -98,8 +101,8 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
 
 
 def write_feedback_folder(items: Iterable[FeedbackImage], out_dir: str | Path) -> ExportSummary:
-    """Write ``out_dir/cancer`` and ``out_dir/normal`` (one PNG per case, named from the
-    case id) and ``manifest.csv`` with one row per image, sorted by case id.
+    """Write ``out_dir/malignant``, ``out_dir/benign`` and ``out_dir/normal`` (one PNG per
+    case, named from the case id) and ``manifest.csv`` with one row per image, sorted by case id.
 
     Re-running into the same folder is safe: files whose content is unchanged are left
     alone, a case whose label changed moves, and images this export wrote before but no
@@ -130,7 +133,8 @@ def write_feedback_folder(items: Iterable[FeedbackImage], out_dir: str | Path) -
             summary.written += 1
         keep.add(relative)
         summary.per_label[item.label] += 1
-        rows.append({"case_id": item.case_id, "file": relative, "label": item.label, "source": item.source,
+        rows.append({"case_id": item.case_id, "file": relative, "label": item.label, "verdict": item.verdict,
+                     "class_source": item.class_source, "source": item.source,
                      "n_reviews": item.n_reviews, "votes_cancer": item.votes_cancer, "votes_normal": item.votes_normal,
                      "model_label": item.model_label, "model_version": item.model_version, "sha256": item.sha256,
                      "file_sha256": hashlib.sha256(data).hexdigest(), "first_review_at": item.first_review_at,
@@ -138,7 +142,7 @@ def write_feedback_folder(items: Iterable[FeedbackImage], out_dir: str | Path) -
     for old in previous:
         relative = old.get("file", "")
         # Only our own names in our own folders: a damaged manifest cannot delete elsewhere.
-        if relative not in keep and relative.split("/")[0] in EXPORT_LABELS and relative.count("/") == 1:
+        if relative not in keep and relative.split("/")[0] in EXPORT_LABELS + ("cancer",) and relative.count("/") == 1:
             path = out / relative
             if path.is_file():
                 path.unlink()
@@ -170,7 +174,11 @@ def _sha256_file(path: Path) -> str:
 
 
 def _label_of(folder_name: str, positive: Sequence[str]) -> str:
-    return "cancer" if folder_name.lower() in positive else "normal"
+    """The merged class of a base-data folder: malignant (a positive folder), benign, or normal."""
+    name = folder_name.lower()
+    if name in positive:
+        return "malignant"
+    return "benign" if name == "benign" else "normal"
 
 
 def _folder_images(root: Path) -> list[tuple[Path, str]]:
@@ -192,7 +200,8 @@ def locked_test_digests(locked_test: str | Path) -> set[str]:
 
 def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, locked_test: str | Path,
                         out_dir: str | Path, positive_classes: Sequence[str] = ("cancer", "malignant")) -> MergeSummary:
-    """Build a cancer/normal ImageFolder for training from base data plus a feedback export.
+    """Build a malignant/benign/normal ImageFolder for training from base data plus a feedback
+    export (a base folder with only cancer/normal gives malignant/normal: a binary run).
 
     Images are identified by sha256: a feedback image that is also in the base data
     appears once, with the feedback label (the reviewers' word wins); an image whose

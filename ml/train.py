@@ -202,11 +202,24 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
     }
 
 
-def multi_class(cfg: TrainConfig, class_names: list[str]) -> bool:
-    """Whether this run learns one output per class folder (3+ folders and not --classes binary)."""
+# A class folder with fewer images cannot be learnt as a class of its own: the run is binary.
+MIN_CLASS_IMAGES = 10
+
+
+def multi_class(cfg: TrainConfig, class_names: list[str], classes: torch.Tensor | None = None) -> bool:
+    """Whether this run learns one output per class folder: 3+ folders, not --classes
+    binary, and (given the images' ``classes``) at least MIN_CLASS_IMAGES in every folder."""
     if cfg.classes not in ("auto", "binary"):
         raise MLError(f"--classes must be 'auto' or 'binary', not {cfg.classes!r}")
-    return cfg.classes == "auto" and len(class_names) >= 3
+    if cfg.classes == "binary" or len(class_names) < 3:
+        return False
+    if classes is not None:
+        counts = torch.bincount(classes, minlength=len(class_names))
+        if int(counts.min()) < MIN_CLASS_IMAGES:
+            log.warning("a binary run: %s", ", ".join(f"{n} {c}" for c, n in zip(class_names, counts.tolist())
+                                                        if n < MIN_CLASS_IMAGES) + f" (fewer than {MIN_CLASS_IMAGES} images)")
+            return False
+    return True
 
 
 def _class_weights(classes: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -234,7 +247,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     best epoch, and its threshold is on that calibrated scale."""
     device = select_device(cfg.device)
     generator = seed_everything(cfg.seed)
-    several = multi_class(cfg, class_names)
+    several = multi_class(cfg, class_names, cache.classes)
     num_outputs = len(class_names) if several else 1
     positive_idx = tuple(class_names.index(c) for c in positive_classes)
     labels = cache.classes if several else cache.targets

@@ -26,3 +26,19 @@ def figure(value: Any, key: str | None = None) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(figure(v, key) for v in value) or "none"
     return str(value)
+
+
+# The model's verdict at the threshold and its most likely class, in the reader's words.
+VERDICT_WORDS = {"cancer": "Suspicious for malignancy", "normal": "Not suspicious"}
+CLASS_WORDS = {"normal": "no lesion", "benign": "benign-appearing", "malignant": "malignant-appearing",
+               "cancer": "malignant-appearing"}
+
+
+def verdict_words(label: str | None) -> str:
+    """``cancer`` / ``normal`` as the case page words the verdict."""
+    return VERDICT_WORDS.get(label or "", label or "–")
+
+
+def class_words(name: str | None) -> str:
+    """A class folder name (normal / benign / malignant) as the case page words it."""
+    return CLASS_WORDS.get((name or "").lower(), name or "–")

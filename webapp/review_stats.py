@@ -64,6 +64,12 @@ class ReviewRow:
     model_label: str
     label: str
     reading_seconds: float | None = None
+    model_class: str | None = None     # a multi-class model's most likely class
+    reviewer_class: str | None = None  # normal / benign / malignant, when the reviewer gave one
+
+
+# A reviewer's detailed label as one of the three classes ("cancer" is "malignant").
+REVIEW_CLASS = {"normal": "normal", "benign": "benign", "malignant": "malignant", "cancer": "malignant"}
 
 
 @dataclass
@@ -74,6 +80,11 @@ class AgreementRow:
     agreement: float | None          # share of reviews whose label equals the model's
     kappa_with_model: float | None
     mean_reading_seconds: float | None
+    # Agreement on the class (normal / benign / malignant), over reviews where the model
+    # gave a class and the reviewer named one.
+    class_n: int = 0
+    class_agreement: float | None = None
+    class_kappa: float | None = None
 
 
 @dataclass
@@ -96,9 +107,13 @@ class ReviewSummary:
 def _agreement(name: str, rows: list[ReviewRow]) -> AgreementRow:
     agree = sum(r.label == r.model_label for r in rows)
     times = [r.reading_seconds for r in rows if r.reading_seconds is not None]
+    classed = [r for r in rows if r.model_class and r.reviewer_class]
+    class_agree = sum(r.model_class == r.reviewer_class for r in classed)
     return AgreementRow(name, len(rows), agree, agree / len(rows) if rows else None,
                         cohens_kappa([r.model_label for r in rows], [r.label for r in rows]),
-                        sum(times) / len(times) if times else None)
+                        sum(times) / len(times) if times else None, len(classed),
+                        class_agree / len(classed) if classed else None,
+                        cohens_kappa([r.model_class for r in classed], [r.reviewer_class for r in classed]))
 
 
 def _ratio(a: int, b: int) -> float | None:
@@ -162,11 +177,15 @@ def review_statistics() -> ReviewSummary:
     from webapp.models import ModelVersion
 
     result = db.session.execute(
-        select(Review.case_id, User.email, Review.model_label, Review.label, Review.reading_seconds)
+        select(Review.case_id, User.email, Review.model_label, Review.label, Review.reading_seconds,
+               Prediction.predicted_class, Review.detailed_label)
         .join(User, User.id == Review.reviewer_id)
+        .outerjoin(Prediction, Prediction.id == Review.prediction_id)
         .where(Review.verdict.is_not(None), Review.model_label.is_not(None))
         .order_by(Review.case_id, Review.submitted_at, Review.id))
-    rows = [ReviewRow(*r) for r in result]
+    rows = [ReviewRow(case_id, who, model_label, label, seconds, model_class,
+                      REVIEW_CLASS.get((detailed or "").lower()))
+            for case_id, who, model_label, label, seconds, model_class, detailed in result]
     active = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
     active_labels = {}
     if active is not None:

@@ -195,13 +195,17 @@ def submit_review(case: Case, reviewer: User, verdict: str | None, label: str | 
             raise ReviewRejected("a disagreement needs your label (cancer or normal)")
         coarse, detailed = _label(label, "your label")
         if coarse == prediction.label:
-            raise ReviewRejected(f"the model also says {prediction.label}: choose agree, or give a different label")
+            said = "suspicious for malignancy" if coarse == "cancer" else "not suspicious"
+            raise ReviewRejected(f"{detailed} counts as {said}, which is the model's verdict too: choose agree "
+                                 f"and give {detailed} as your class (the class is recorded), or disagree "
+                                 "with a label on the other side")
     else:
         coarse, detailed = prediction.label, None
         if label:
             given, detailed = _label(label, "your label")
             if given != prediction.label:
-                raise ReviewRejected(f"agreeing means the case is {prediction.label}; to say {given}, choose disagree")
+                said = "suspicious for malignancy" if prediction.label == "cancer" else "not suspicious"
+                raise ReviewRejected(f"agreeing means the case is {said}; {detailed} is not, so choose disagree")
     confidence = _confidence(confidence)
     comment = (comment or "").strip() or None
     if comment and len(comment) > 2000:

@@ -80,14 +80,35 @@ def select_feedback(since: datetime | None = None, min_reviews: int = 1, rule: s
             continue
         latest = reviews[-1]  # the model output reviewed most recently
         votes = Counter(r.label for r in reviews)
+        folder, class_source = export_class(label, reviews)
         export.items.append(FeedbackImage(
-            case_id=case_id, image=store.path(case.image_key), label=label, sha256=case.image_sha256,
+            case_id=case_id, image=store.path(case.image_key), label=folder, sha256=case.image_sha256,
+            verdict=label, class_source=class_source,
             source="model-confirmed" if label == latest.model_label else "reviewer-corrected",
             n_reviews=len(reviews), votes_cancer=votes["cancer"], votes_normal=votes["normal"],
             model_label=latest.model_label or "", model_version=latest.model_version.name if latest.model_version else "",
             first_review_at=_iso(min(r.submitted_at for r in reviews)),
             last_review_at=_iso(max(r.submitted_at for r in reviews))))
     return export
+
+
+def export_class(verdict: str, reviews: list[Review]) -> tuple[str, str]:
+    """(class folder, where the class came from) for a case whose consensus is ``verdict``.
+
+    Malignant when the consensus is cancer. Otherwise benign or normal: the majority of the
+    classes reviewers named (a tie counts as benign: a lesion seen by one reader is kept),
+    else the three-class model's class that the reviewers agreed with, else normal (the
+    meaning of "not cancer" before reviewers could name a class).
+    """
+    if verdict == "cancer":
+        return "malignant", "reviewers"
+    named = Counter(r.detailed_label for r in reviews if r.detailed_label in ("benign", "normal"))
+    if named:
+        return ("benign" if named["benign"] >= named["normal"] else "normal"), "reviewers"
+    predicted = reviews[-1].prediction.predicted_class if reviews[-1].prediction is not None else None
+    if predicted in ("benign", "normal"):
+        return predicted, "model"
+    return "normal", "default"
 
 
 def export_feedback(out_dir: str | Path, since: datetime | None = None, min_reviews: int = 1,
@@ -101,8 +122,8 @@ def export_feedback(out_dir: str | Path, since: datetime | None = None, min_revi
 def describe(export: FeedbackExport) -> list[str]:
     """The summary lines `manage.py export-feedback` prints."""
     w = export.written
-    lines = [f"exported {len(export.items)} case(s): {w.per_label.get('cancer', 0)} cancer, "
-             f"{w.per_label.get('normal', 0)} normal ({export.n_confirmed} model-confirmed, "
+    lines = [f"exported {len(export.items)} case(s): {w.per_label.get('malignant', 0)} malignant, "
+             f"{w.per_label.get('benign', 0)} benign, {w.per_label.get('normal', 0)} normal ({export.n_confirmed} model-confirmed, "
              f"{export.n_corrected} reviewer-corrected)",
              f"files: {w.written} written, {w.unchanged} unchanged, {w.removed} removed"]
     left = sum(export.left_out.values())

@@ -161,7 +161,8 @@ def predict_case(case_id: int) -> str:
     values = dict(probability=float(result.probability), label=result.label,
                   threshold=float(result.threshold), method=result.method, heatmap_key=heatmap_key,
                   overlay_key=overlay_key, faithfulness=result.faithfulness,
-                  border_share=float(result.border_share),
+                  border_share=float(result.border_share), predicted_class=result.predicted_class,
+                  class_probabilities=result.class_probabilities,
                   timings={k: round(float(v), 1) for k, v in result.timings.items()})
     _save(case_id, version.id, values)
     return "done"

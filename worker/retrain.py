@@ -149,7 +149,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
         raise RetrainError("--init active: there is no active model to start from; use --init imagenet or none")
     active_path = store.path(active.file_key) if active is not None else None
     # Checked now, not after an hour of training: both models must be scorable on it.
-    check_locked_test(locked_test, active.meta if active is not None else None, {"positive_classes": ["cancer"]})
+    check_locked_test(locked_test, active.meta if active is not None else None, {"positive_classes": ["malignant"]})
 
     feedback = export_feedback(work / "feedback", min_reviews=min_reviews, rule=consensus_rule)
     merge = merge_training_data(base_data, work / "feedback", locked_test, work / "train")

@@ -60,16 +60,16 @@ def test_clean_png_drops_exif_and_text_but_keeps_pixels_and_orientation():
 def test_folder_and_manifest_exactly_and_reruns_are_safe(tmp_path):
     a, b = _jpeg_with_exif(), _png_with_text()
     items = [FeedbackImage(7, b, "normal", _sha(b), "reviewer-corrected", 3, 1, 2, "cancer", "v1", "2026-01-01T10:00:00", "2026-01-02T10:00:00"),
-             FeedbackImage(3, a, "cancer", _sha(a), "model-confirmed", 1, 1, 0, "cancer", "v1", "2026-01-01T09:00:00", "2026-01-01T09:00:00")]
+             FeedbackImage(3, a, "malignant", _sha(a), "model-confirmed", 1, 1, 0, "cancer", "v1", "2026-01-01T09:00:00", "2026-01-01T09:00:00")]
     out = tmp_path / "export"
     first = write_feedback_folder(items, out)
-    assert (first.written, first.unchanged, first.removed, first.per_label) == (2, 0, 0, {"cancer": 1, "normal": 1})
+    assert (first.written, first.unchanged, first.removed, first.per_label) == (2, 0, 0, {"malignant": 1, "benign": 0, "normal": 1})
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "cancer/case-000003.png", "manifest.csv", "normal/case-000007.png"]
+        "malignant/case-000003.png", "manifest.csv", "normal/case-000007.png"]
     rows = _manifest(out)
     assert list(rows[0]) == list(MANIFEST_FIELDS)
     assert [(r["case_id"], r["file"], r["label"], r["source"], r["n_reviews"], r["votes_cancer"], r["votes_normal"])
-            for r in rows] == [("3", "cancer/case-000003.png", "cancer", "model-confirmed", "1", "1", "0"),
+            for r in rows] == [("3", "malignant/case-000003.png", "malignant", "model-confirmed", "1", "1", "0"),
                                ("7", "normal/case-000007.png", "normal", "reviewer-corrected", "3", "1", "2")]
     assert rows[0]["sha256"] == _sha(a) and rows[0]["file_sha256"] == _sha((out / rows[0]["file"]).read_bytes())
     before = (out / "manifest.csv").read_bytes()
@@ -89,8 +89,8 @@ def test_folder_and_manifest_exactly_and_reruns_are_safe(tmp_path):
 
 def test_bad_label_or_duplicate_case_writes_nothing(tmp_path):
     data = _png_with_text()
-    with pytest.raises(ExportError, match="not one of cancer, normal"):
-        write_feedback_folder([FeedbackImage(1, data, "benign", _sha(data))], tmp_path / "x")
+    with pytest.raises(ExportError, match="not one of malignant, benign, normal"):
+        write_feedback_folder([FeedbackImage(1, data, "cancer", _sha(data))], tmp_path / "x")
     with pytest.raises(ExportError, match="twice"):
         write_feedback_folder([FeedbackImage(1, data, "normal", "s"), FeedbackImage(1, data, "normal", "s")], tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -110,16 +110,16 @@ def test_merge_dedupes_by_sha256_feedback_wins_and_locked_test_stays_out(tmp_pat
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(_png(value))
     # reviewers: b (base says benign) is cancer; z is a locked-test image uploaded as a case
-    items = [FeedbackImage(1, _png(20), "cancer", _sha(_png(20))), FeedbackImage(2, _png(50), "cancer", _sha(_png(50))),
+    items = [FeedbackImage(1, _png(20), "malignant", _sha(_png(20))), FeedbackImage(2, _png(50), "malignant", _sha(_png(50))),
              FeedbackImage(3, _png(60), "normal", _sha(_png(60)))]
     write_feedback_folder(items, feedback)
     merged = merge_training_data(base, feedback, locked, tmp_path / "train")
     assert (merged.n_base, merged.n_feedback) == (2, 2)  # a, c | b (relabelled), new image 60
     assert merged.duplicates_removed == 2 and merged.relabelled_by_feedback == 1
     assert merged.left_out_locked_test == 2  # held.png from base, z from feedback
-    assert merged.per_label == {"cancer": 2, "normal": 2}
+    assert merged.per_label == {"malignant": 2, "normal": 2}
     train = {p.parent.name + "/" + p.stem for p in (tmp_path / "train").rglob("*.png")}
-    assert train == {f"cancer/{_sha(_png(10))}", f"cancer/{_sha(_png(20))}",
+    assert train == {f"malignant/{_sha(_png(10))}", f"malignant/{_sha(_png(20))}",
                      f"normal/{_sha(_png(30))}", f"normal/{_sha(_png(60))}"}
     locked_digests = {_sha(p.read_bytes()) for p in locked.rglob("*.png")}
     assert not locked_digests & {_sha(p.read_bytes()) for p in (tmp_path / "train").rglob("*.png")}

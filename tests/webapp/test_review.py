@@ -81,7 +81,7 @@ def test_reading_time_is_measured_from_the_signed_opening_time(people):
 @pytest.mark.parametrize("form, message", [
     ({"verdict": "maybe", "confidence": "certain"}, b"choose agree or disagree"),
     ({"verdict": "disagree", "confidence": "certain"}, b"a disagreement needs your label"),
-    ({"verdict": "disagree", "label": "malignant", "confidence": "certain"}, b"the model also says cancer"),
+    ({"verdict": "disagree", "label": "malignant", "confidence": "certain"}, b"malignant counts as suspicious for malignancy, which is the model&#39;s verdict too"),
     ({"verdict": "agree", "label": "normal", "confidence": "certain"}, b"choose disagree"),
     ({"verdict": "disagree", "label": "cyst", "confidence": "certain"}, b"must be one of cancer, normal"),
     ({"verdict": "agree", "confidence": "very"}, b"choose a confidence"),

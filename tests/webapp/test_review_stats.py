@@ -107,3 +107,18 @@ def test_statistics_page_shows_the_database_figures(app, client):
     assert "1 without a majority" in page
     # the active model (m1) read every case: consensus cancer on 1, 5 and normal on 2, 4
     assert 'id="active-sensitivity">100.0 %<' in page and 'id="active-specificity">50.0 %<' in page
+
+
+def test_class_agreement_counts_only_reviews_where_both_gave_a_class():
+    from webapp.review_stats import ReviewRow, summarise_reviews
+
+    rows = [ReviewRow(1, "a", "normal", "normal", 10.0, "benign", "benign"),
+            ReviewRow(2, "a", "normal", "normal", 10.0, "normal", "benign"),   # verdicts agree, classes not
+            ReviewRow(3, "a", "cancer", "cancer", 10.0, "malignant", "malignant"),
+            ReviewRow(4, "a", "cancer", "cancer", 10.0, None, "malignant"),     # a two-class model: no class
+            ReviewRow(5, "a", "normal", "normal", 10.0, "normal", None)]        # the reviewer named no class
+    overall = summarise_reviews(rows).overall
+    assert (overall.n_reviews, overall.agreement) == (5, 1.0)
+    assert overall.class_n == 3 and overall.class_agreement == pytest.approx(2 / 3)
+    # kappa by hand: observed 2/3; model classes b,n,m and reviewer b,b,m -> expected (1*2 + 1*1) / 9
+    assert overall.class_kappa == pytest.approx((2 / 3 - 3 / 9) / (1 - 3 / 9))

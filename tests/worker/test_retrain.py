@@ -112,16 +112,18 @@ def test_cases_reviews_export_retrain_gate_and_worker(app, client, tmp_path, con
     out = tmp_path / "feedback"
     result = run_cli("export-feedback", "--out", out)
     assert result.exit_code == 0, result.output
-    assert "exported 4 case(s): 2 cancer, 2 normal (2 model-confirmed, 2 reviewer-corrected)" in result.output
+    assert "exported 4 case(s): 2 malignant, 1 benign, 1 normal (2 model-confirmed, 2 reviewer-corrected)" in result.output
     assert "left out: 1 (1 no majority (tie))" in result.output
     with (out / "manifest.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["case_id"], r["file"], r["label"], r["source"], r["n_reviews"], r["votes_cancer"], r["votes_normal"],
              r["model_label"], r["model_version"]) for r in rows] == [
-        ("1", "cancer/case-000001.png", C, "model-confirmed", "3", "3", "0", C, "constant"),
-        ("2", "normal/case-000002.png", N, "reviewer-corrected", "2", "0", "2", C, "constant"),
-        ("4", "cancer/case-000004.png", C, "model-confirmed", "1", "1", "0", C, "constant"),
-        ("5", "normal/case-000005.png", N, "reviewer-corrected", "3", "1", "2", C, "constant")]
+        ("1", "malignant/case-000001.png", "malignant", "model-confirmed", "3", "3", "0", C, "constant"),
+        ("2", "benign/case-000002.png", "benign", "reviewer-corrected", "2", "0", "2", C, "constant"),
+        ("4", "malignant/case-000004.png", "malignant", "model-confirmed", "1", "1", "0", C, "constant"),
+        ("5", "normal/case-000005.png", "normal", "reviewer-corrected", "3", "1", "2", C, "constant")]
+    # case 2: one reviewer said benign, one normal (a tie keeps the lesion); case 5: both said normal
+    assert [(r["verdict"], r["class_source"]) for r in rows] == [(C, "reviewers"), (N, "reviewers"), (C, "reviewers"), (N, "reviewers")]
     import hashlib
     assert rows[0]["sha256"] == hashlib.sha256(images[0]).hexdigest()
     again = run_cli("export-feedback", "--out", out, "--min-reviews", "2", "--consensus", "unanimous")
