@@ -217,3 +217,79 @@ def comparison_table(outcome: RetrainOutcome) -> list[str]:
     verdict = "PROMOTED: now the active model" if outcome.decision.promote else "NOT PROMOTED"
     lines.append(f"decision: {verdict} ({'; '.join(outcome.decision.reasons)})")
     return lines
+
+
+@dataclass
+class RecalibrationOutcome:
+    version: ModelVersion
+    previous: ModelVersion
+    candidate_metrics: dict[str, Any]
+    active_metrics: dict[str, Any]
+    decision: PromotionDecision
+    feedback: FeedbackExport
+    site_adaptation: dict[str, Any]
+
+
+def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote: str = "auto",
+                       target_sensitivity: float | None = None, min_reviews: int = 1,
+                       consensus_rule: str = "majority", site: str | None = None, n_boot: int = 1000,
+                       name: str | None = None, actor: User | None = None) -> RecalibrationOutcome:
+    """Adapt the active model to this site without retraining: refit its calibration and
+    threshold on the reviewed cases (their consensus verdict), register the result as a new
+    version (parent: the active one) and put it through the same gate as ``retrain`` on
+    ``locked_test`` (same weights, so the same ROC-AUC; the gate's test is the sensitivity
+    at the new threshold)."""
+    from ml import MLError
+    from ml.adapt import recalibrate
+    from ml.evaluate import evaluate_folder
+    from ml.export import MANIFEST
+
+    if promote not in PROMOTE_MODES:
+        raise RetrainError(f"--promote must be one of {', '.join(PROMOTE_MODES)}")
+    target = current_app.config["RETRAIN_TARGET_SENSITIVITY"] if target_sensitivity is None else target_sensitivity
+    store = current_app.extensions["file_store"]
+    active = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+    if active is None:
+        raise RetrainError("there is no active model to adapt")
+    active_path = store.path(active.file_key)
+    check_locked_test(locked_test, active.meta)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    feedback = export_feedback(work / "feedback", min_reviews=min_reviews, rule=consensus_rule)
+    import csv
+
+    with (work / "feedback" / MANIFEST).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    images = [work / "feedback" / r["file"] for r in rows]
+    malignant = [1 if r["label"] == "malignant" else 0 for r in rows]
+    checkpoint = work / "recalibrated.pt"
+    try:
+        meta = recalibrate(active_path, images, malignant, checkpoint, target, site)
+    except MLError as exc:
+        raise RetrainError(str(exc)) from None
+    candidate_metrics = _clean(evaluate_folder(checkpoint, locked_test, n_boot=n_boot))
+    active_metrics = _clean(evaluate_folder(active_path, locked_test, n_boot=n_boot))
+    decision = promotion_decision(candidate_metrics, active_metrics, target, promote)
+    meta.update({
+        "locked_test": dict(candidate_metrics, fingerprint=_folder_fingerprint(locked_test)),
+        "compared_with": {"version": active.name, "locked_test": active_metrics},
+        "training_data": {"site_adaptation_cases": len(rows), "per_label": dict(feedback.written.per_label),
+                          "feedback_left_out": dict(feedback.left_out), "weights": f"unchanged from {active.name}"},
+        "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
+                      "target_sensitivity": target},
+    })
+    try:
+        version = register_model_version(checkpoint, meta, name=name, actor=actor, parent=active,
+                                         notes=f"{active.name} recalibrated on {len(rows)} reviewed case(s)"
+                                               + (f" of {site}" if site else ""))
+    except RegistryError as exc:
+        raise RetrainError(f"not registered: {exc}") from None
+    if decision.promote:
+        audit("model.promote", actor=actor, target=version, mode=promote, reasons=decision.reasons,
+              previous=active.name)
+        activate_version(version, actor)
+    else:
+        audit("model.promotion_refused", actor=actor, target=version, mode=promote, reasons=decision.reasons)
+        db.session.commit()
+    return RecalibrationOutcome(version, active, candidate_metrics, active_metrics, decision, feedback,
+                                meta["site_adaptation"])

@@ -92,6 +92,40 @@ def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size,
             click.echo(line)
 
 
+@click.command()
+@click.option("--locked-test", required=True, type=click.Path(exists=True, file_okay=False),
+              help="ImageFolder of this site never used for adaptation; the gate compares both versions on it")
+@click.option("--promote", default="auto", show_default=True, type=click.Choice(["auto", "never", "force"]))
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1), help="sensitivity the new threshold is set for (default RETRAIN_TARGET_SENSITIVITY, 0.90)")
+@click.option("--min-reviews", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--consensus", "rule", default="majority", show_default=True, type=click.Choice(["majority", "unanimous"]))
+@click.option("--site", help="name of the site, recorded with the version")
+@click.option("--work-dir", type=click.Path(file_okay=False), help="keep the export and the checkpoint here")
+@click.option("--name", help="name of the new version (default v1, v2, ...)")
+def recalibrate(locked_test, promote, target_sensitivity, min_reviews, rule, site, work_dir, name) -> None:
+    """Adapt the active model to this site from its reviewed cases: new calibration and threshold, same weights."""
+    from ml import MLError
+    from worker.retrain import RetrainError, recalibrate_active
+
+    with _app_context(), tempfile.TemporaryDirectory(prefix="recalibrate-") as scratch:
+        try:
+            o = recalibrate_active(locked_test, work_dir or scratch, promote=promote, target_sensitivity=target_sensitivity,
+                                   min_reviews=min_reviews, consensus_rule=rule, site=site, name=name)
+        except (RetrainError, MLError) as exc:
+            raise click.ClickException(f"recalibration stopped: {exc}") from None
+        a = o.site_adaptation
+        click.echo(f"fitted on {a['n']} reviewed case(s) ({a['n_malignant']} malignant): threshold "
+                   f"{a['previous_threshold']:.3f} -> {o.version.threshold:.3f}; on those cases ECE "
+                   f"{a['before']['ece']:.3f} -> {a['after']['ece']:.3f}, sensitivity {a['before']['sensitivity']:.3f} -> "
+                   f"{a['after']['sensitivity']:.3f}")
+        click.echo(f"registered {o.version.name} (parent {o.previous.name})")
+        for key in ("roc_auc", "sensitivity", "specificity", "ece", "threshold"):
+            old, new = o.active_metrics.get(key), o.candidate_metrics.get(key)
+            click.echo(f"locked test {key:12} {_fmt(old):>8} -> {_fmt(new):>8}")
+        verdict = "PROMOTED: now the active model" if o.decision.promote else "NOT PROMOTED"
+        click.echo(f"decision: {verdict} ({'; '.join(o.decision.reasons)})")
+
+
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
@@ -165,4 +199,4 @@ def models_rollback() -> None:
         click.echo(f"rolled back: {v.name} is the active model again")
 
 
-COMMANDS = [export_feedback_command, retrain]
+COMMANDS = [export_feedback_command, retrain, recalibrate]
