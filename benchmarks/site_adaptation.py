@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""How many reviewed cases does a new hospital need? A base model from two sites is adapted
+to the third with 0, 25, 50, 100 and all of a pool of reviewed cases.
+
+    .venv/bin/python benchmarks/site_adaptation.py --base reports/sites30/busi+breast-lesions-usg.pt
+    .venv/bin/python benchmarks/site_adaptation.py --base MODEL.pt --finetune-minutes 0   # recalibration only
+
+The third site (default BUS-UCLM) is split by patient into a reviewed pool and a test part.
+For each number of reviewed cases (drawn from the pool at random, the reviewers' label
+being the folder's), two adaptations run through the product's own code:
+  recalibrate  ml.adapt.recalibrate: new calibration and site threshold, same weights
+               (what `manage.py recalibrate` does);
+  retrain      ml.export.write_feedback_folder -> merge_training_data with the two base
+               sites (the test part as the locked set) -> ml.train.fit from the base
+               weights for --finetune-minutes -> the same recalibration on the reviewed
+               cases (what `manage.py retrain` then `recalibrate` do).
+Each prints the test part's ROC-AUC (malignant vs rest), and sensitivity/specificity at the
+site threshold. The site threshold is set on the reviewed cases for --target-sensitivity.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ml.adapt import recalibrate  # noqa: E402
+from ml.evaluate import predict_folder  # noqa: E402
+from ml.export import FeedbackImage, merge_training_data, write_feedback_folder  # noqa: E402
+from ml.inference import Predictor  # noqa: E402
+from ml.metrics import summarise  # noqa: E402
+from ml.train import TrainConfig, fit  # noqa: E402
+
+from benchmarks.train_sites import DATA, link_folder, site_files  # noqa: E402
+
+
+def split_by_patient(site: str, seed: int) -> tuple[list, list]:
+    """(pool, test): whole patients to each side, about half the malignant patients each."""
+    files = site_files(site)
+    patients = sorted({p.name[:4] if site == "bus-uclm" else p.name for _, p, _ in files})
+    malignant = {p.name[:4] if site == "bus-uclm" else p.name for _, p, c in files if c == "malignant"}
+    rng = np.random.default_rng(seed)
+    order = [p for p in rng.permutation(patients)]
+    ranked = [p for p in order if p in malignant] + [p for p in order if p not in malignant]
+    pool_patients = set(ranked[0::2])
+    key = (lambda p: p.name[:4]) if site == "bus-uclm" else (lambda p: p.name)
+    pool = [f for f in files if key(f[1]) in pool_patients]
+    test = [f for f in files if key(f[1]) not in pool_patients]
+    return pool, test
+
+
+def judge(model: Path, test_dir: Path) -> dict:
+    predictor = Predictor.from_checkpoint(model, "cpu")
+    fp = predict_folder(predictor, test_dir)
+    m = summarise(fp.y, fp.probs, predictor.threshold)
+    return {k: m[k] for k in ("roc_auc", "sensitivity", "specificity", "threshold", "n", "n_positive")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="checkpoint trained on the other two sites")
+    ap.add_argument("--site", default="bus-uclm")
+    ap.add_argument("--counts", default="0,25,50,100,all")
+    ap.add_argument("--finetune-minutes", type=float, default=3.0, help="0: recalibration only")
+    ap.add_argument("--target-sensitivity", type=float, default=0.90)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    base_sites = [s for s in ("busi", "breast-lesions-usg", "bus-uclm") if s != args.site]
+    pool, test = split_by_patient(args.site, args.seed)
+    rng = np.random.default_rng(args.seed)
+    pool = [pool[i] for i in rng.permutation(len(pool))]
+    print(f"{args.site}: pool {len(pool)} images ({sum(c == 'malignant' for *_, c in pool)} malignant), "
+          f"test {len(test)} images ({sum(c == 'malignant' for *_, c in test)} malignant), split by patient")
+    with tempfile.TemporaryDirectory(prefix="adapt-") as tmp:
+        work = Path(tmp)
+        test_dir = link_folder(work / "test", test)
+        base_dir = link_folder(work / "base", [f for s in base_sites for f in site_files(s)])
+        base_eval = judge(Path(args.base), test_dir)
+        print(f"{'reviewed':>8} {'path':12} {'ROC-AUC':>8} {'sens':>6} {'spec':>6} {'threshold':>9}")
+        print(f"{0:8d} {'base model':12} {base_eval['roc_auc']:8.3f} {base_eval['sensitivity']:6.3f} "
+              f"{base_eval['specificity']:6.3f} {base_eval['threshold']:9.3f}")
+        for count in args.counts.split(","):
+            n = len(pool) if count == "all" else int(count)
+            if n == 0:
+                continue
+            reviewed = pool[:n]
+            images = [p for _, p, _ in reviewed]
+            labels = [int(c == "malignant") for *_, c in reviewed]
+            if sum(labels) < 5:
+                print(f"{n:8d} (fewer than 5 malignant among them: no site threshold can be set)")
+                continue
+            out = work / f"recal-{n}.pt"
+            recalibrate(args.base, images, labels, out, args.target_sensitivity, args.site)
+            m = judge(out, test_dir)
+            print(f"{n:8d} {'recalibrate':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}")
+            if args.finetune_minutes <= 0:
+                continue
+            items = [FeedbackImage(i + 1, p, c, hashlib.sha256(p.read_bytes()).hexdigest(), "reviewer")
+                     for i, (_, p, c) in enumerate(reviewed)]
+            write_feedback_folder(items, work / f"feedback-{n}")
+            merge_training_data(base_dir, work / f"feedback-{n}", test_dir, work / f"train-{n}")
+            tuned = work / f"tuned-{n}.pt"
+            size = Predictor.from_checkpoint(args.base, "cpu").input_size
+            fit(TrainConfig(data=str(work / f"train-{n}"), out=str(tuned), epochs=10_000, weights=str(args.base),
+                            img_size=size, lr=3e-4, time_limit_min=args.finetune_minutes, patience=10_000,
+                            ema=0.99, seed=args.seed, progress=False))
+            recalibrate(tuned, images, labels, work / f"tuned-recal-{n}.pt", args.target_sensitivity, args.site)
+            m = judge(work / f"tuned-recal-{n}.pt", test_dir)
+            print(f"{n:8d} {'retrain':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
