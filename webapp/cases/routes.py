@@ -104,6 +104,8 @@ def render_case(case: Case, status: int = 200, submitted: dict | None = None):
     return render_template("cases/detail.html", case=case, prediction=prediction, review=review,
                            review_form=ReviewForm(), blind_form=BlindReadForm(), submitted=submitted,
                            may_rerun=_may_rerun(case), rerun_form=RerunForm(),
+                           # queued/running with no sign of life: "Send again" is allowed
+                           may_resend=_may_rerun(case) and is_stuck(current_app._get_current_object(), case),
                            border_warning=cfg["BORDER_SHARE_WARNING"],
                            faithfulness_warning=cfg["FAITHFULNESS_WARNING"],
                            poll_ms=cfg["STATUS_POLL_MS"]), status
