@@ -89,7 +89,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     out = work / "model.pt"
     cfg = TrainConfig(data=str(merged), out=str(out), epochs=10_000, img_size=args.img_size,
                       batch_size=32, seed=args.seed, time_limit_min=args.minutes, patience=10_000,
-                      ema=args.ema, weights="none", progress=False)
+                      ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment)
     t0 = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - t0) / 60
@@ -99,7 +99,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     groups = near_duplicate_groups(cache.images)
     _, val_idx = train_val_split(cache.targets.numpy().astype(int), cfg.val_split, cfg.seed, groups)
     predictor = Predictor.from_checkpoint(out, "cpu")
-    report = {"train_sites": train_sites, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
+    report = {"train_sites": train_sites, "scanner_augment": args.scanner_augment, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"]), "sites": {}}
     for site in train_sites:
         files = [(site, Path(os.readlink(cache.paths[i])), index.class_names[int(cache.classes[i])])
@@ -112,7 +112,8 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
 
 
 def show(report: dict) -> None:
-    print(f"trained on {' + '.join(report['train_sites'])}: {report['epochs_run']} epochs in "
+    print(f"trained on {' + '.join(report['train_sites'])}{' with scanner augmentation' if report['scanner_augment'] else ''}: "
+          f"{report['epochs_run']} epochs in "
           f"{report['minutes']} min, best epoch {report['best_epoch']}")
     print(f"{'site':42} {'n':>4} {'mal':>4} {'ROC-AUC (95% CI, by patient)':>30} {'sens':>6} {'spec':>6} {'ECE':>6} {'class acc':>9}")
     for name, m in report["sites"].items():
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--ema", type=float, default=0.99)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scanner-augment", action="store_true", help="train with ml.augment.scanner_shift")
     ap.add_argument("--loso", action="store_true", help="leave-one-site-out: one run per held-out site")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write the reports here")

@@ -48,3 +48,43 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator | None = None,
         speckle = 1 + noise * torch.randn(n, 1, x.shape[2], x.shape[3], generator=g)
         x = x * speckle
     return x.clamp(0, 255)
+
+
+def scanner_shift(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.8,
+                  max_blur: float = 1.5, min_scale: float = 0.4, max_gain_slope: float = 0.5,
+                  speckle: float = 0.15) -> torch.Tensor:
+    """What changes from one ultrasound machine to another, applied to a float [0, 255]
+    batch (after :func:`augment_batch`): resolution (down- then up-sampling by up to
+    1/``min_scale``), blur (Gaussian, sigma up to ``max_blur`` px), depth gain (a top-to-
+    bottom ramp of up to ``max_gain_slope``, as time-gain compensation differs) and coarser
+    multiplicative speckle. Each image is changed with probability ``p``."""
+    n, _, h, w = x.shape
+    g = generator
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, generator=g) * (hi - lo) + lo
+
+    chosen = (torch.rand(n, generator=g) < p).view(n, 1, 1, 1)
+    out = x
+    # resolution: one factor per batch keeps it a single interpolate call
+    scale = float(uniform(min_scale, 1.0)[0])
+    small = F.interpolate(out, size=(max(8, int(h * scale)), max(8, int(w * scale))), mode="bilinear",
+                          align_corners=False, antialias=True)
+    out = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    # blur: a separable Gaussian per batch
+    sigma = float(uniform(0.1, max_blur)[0])
+    radius = max(1, int(round(2 * sigma)))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).to(out.dtype)
+    c = out.shape[1]
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    # depth gain: brighter or darker with depth
+    slope = uniform(-max_gain_slope, max_gain_slope).view(n, 1, 1, 1)
+    ramp = torch.linspace(-0.5, 0.5, h).view(1, 1, h, 1)
+    out = out * (1 + slope * ramp)
+    # coarse speckle: noise on a quarter-resolution grid, upsampled
+    coarse = torch.randn(n, 1, max(2, h // 4), max(2, w // 4), generator=g)
+    out = out * (1 + speckle * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False))
+    return torch.where(chosen, out, x).clamp(0, 255)

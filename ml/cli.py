@@ -47,6 +47,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--pos-weight", default="auto", show_default=True, help="class balance of the loss: auto (balanced), none, or a number (BCE pos_weight, binary runs)")
 @click.option("--classes", default="auto", show_default=True, type=click.Choice(["auto", "binary"]), help="auto: one output per class folder when there are 3 or more (e.g. normal/benign/malignant); binary: malignant vs the rest")
 @click.option("--no-augment", is_flag=True, help="turn off train-time augmentation")
+@click.option("--scanner-augment", is_flag=True, help="also mimic other scanners: resolution, blur, depth gain, coarse speckle")
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="validate and save an exponential moving average of the weights with this decay (e.g. 0.99); 0 = off")
 @click.option("--time-limit", "time_limit_min", type=click.FloatRange(0, min_open=True), help="stop after this many minutes (checked after each epoch)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ml import MLError
-from ml.augment import augment_batch
+from ml.augment import augment_batch, scanner_shift
 from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
                      near_duplicate_groups, normalise, scan_folder, stratified_folds,
@@ -52,6 +52,7 @@ class TrainConfig:
     pos_weight: str = "auto"          # "auto" (balanced classes), "none", or a number (binary only)
     classes: str = "auto"             # "auto": one output per class folder when there are 3+, else one logit; "binary"
     augment: bool = True
+    scanner_augment: bool = False     # also mimic other scanners (ml.augment.scanner_shift)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
     time_limit_min: float | None = None
     resume: bool = False
@@ -104,7 +105,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                     batch_size: int, generator: torch.Generator, device: torch.device,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: bool = True,
                     progress: bool = False, desc: str = "train",
-                    ema: torch.optim.swa_utils.AveragedModel | None = None) -> tuple[float, float, int]:
+                    ema: torch.optim.swa_utils.AveragedModel | None = None,
+                    scanner: bool = False) -> tuple[float, float, int]:
     """One pass over (uint8 images, targets) in shuffled batches; returns (mean loss,
     accuracy, images seen). Targets are 0/1 floats for a one-logit model (accuracy at 0.5)
     or class indices for a multi-class one (accuracy of the arg-max). A final batch of
@@ -121,6 +123,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
     for idx in batches:
         x = images[idx]
         x = augment_batch(x, generator) if augment else x.float()
+        if scanner:
+            x = scanner_shift(x, generator)
         # normalise() takes uint8-range values; float input is fine
         x = normalise(x, mean, std).to(device, non_blocking=True)
         y = targets[idx].to(device)
@@ -303,7 +307,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
         t0 = time.perf_counter()
         loss, acc, seen = train_one_epoch(model, x_train, y_train, optimizer, scheduler, criterion,
                                           cfg.batch_size, generator, device, augment=cfg.augment,
-                                          progress=cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}", ema=ema)
+                                          progress=cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}", ema=ema,
+                                          scanner=cfg.scanner_augment)
         train_seconds = time.perf_counter() - t0
         probs, val_loss = evaluate(scored, x_val, y_val_labels, 2 * cfg.batch_size, device, criterion=eval_criterion)
         metrics = summarise(y_val.numpy(), probs, 0.5)
