@@ -15,6 +15,7 @@ probability). Methods, formulas and figures: ``docs/explain.md``.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,10 @@ class LayerCapture:
     and grad mode is switched on from that layer onwards, so a backward pass stops there and
     the layers before it record nothing (run the forward under ``torch.no_grad()``; the
     previous grad mode is restored on exit).
+
+    The hook acts only on forwards run by the thread that entered the ``with``: a worker
+    with a threaded pool shares one model between threads, and another thread's forward
+    must neither overwrite the capture nor have its output replaced by this one's leaf.
     """
 
     def __init__(self, module: nn.Module, track_grad: bool = False):
@@ -50,13 +55,17 @@ class LayerCapture:
         self.activation: torch.Tensor | None = None
         self._handle = None
         self._grad_mode = True
+        self._thread: int | None = None
 
     def __enter__(self) -> "LayerCapture":
         self._grad_mode = torch.is_grad_enabled()
+        self._thread = threading.get_ident()
         self._handle = self.module.register_forward_hook(self._hook)
         return self
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if threading.get_ident() != self._thread:
+            return None  # another thread's forward through the shared model: not ours
         if not isinstance(output, torch.Tensor):
             raise MLError(f"target layer {type(module).__name__} does not output one tensor")
         if self.track_grad:

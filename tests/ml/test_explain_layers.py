@@ -61,3 +61,29 @@ def test_a_fusion_is_the_rescaled_mean_of_its_layers_maps(resnet):
 def test_a_bad_fusion_names_the_problem(resnet, name):
     with pytest.raises(MLError, match="fusion|no layer"):
         explain(resnet, _images(1, 32), "gradcam", name)
+
+
+def test_a_capture_ignores_forwards_of_other_threads(resnet):
+    # a threaded worker shares one model: thread B's forward, run while thread A holds a
+    # capture, must leave A's capture empty and B's output untouched by A's leaf
+    import threading
+
+    x = _images(1, 32, seed=4)
+    with torch.no_grad():
+        expected = resnet(x)
+    seen = {}
+
+    def other_thread():
+        with torch.no_grad():
+            out = resnet(x)
+        seen["requires_grad"], seen["out"] = out.requires_grad, out
+
+    with torch.no_grad(), LayerCapture(resolve_layer(resnet, "layer3"), track_grad=True) as capture:
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert capture.activation is None
+        resnet(x)  # this thread's own forward is captured
+        assert capture.activation is not None and capture.activation.requires_grad
+    assert seen["requires_grad"] is False
+    assert torch.allclose(seen["out"], expected, atol=1e-5)  # same forward; thread pools may sum in another order
