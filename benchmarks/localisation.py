@@ -245,6 +245,13 @@ def report_warnings(predictor: Predictor, data: Path, sites: list[str], variant:
     print(f"  faithfulness percentiles {q}: " + " ".join(f"{v:+.4f}" for v in np.percentile(measured, q))
           + f"  (not measured, empty map: {np.isnan(faith).sum()})")
     print(f"  border share percentiles {q}: " + " ".join(f"{v:.3f}" for v in np.percentile(border, q)))
+    print("  share flagged at other levels (all / labelled cancer):")
+    print("    faithfulness <= " + ", ".join(
+        f"{lv:+.2f}: {(measured <= lv).mean():.0%} / {(measured_positive <= lv).mean():.0%}"
+        for lv in (0.0, -0.005, -0.01, -0.02, -0.05, -0.1)))
+    print("    border share > " + ", ".join(
+        f"{lv:.2f}: {(border > lv).mean():.0%} / {(border[positive] > lv).mean():.0%}"
+        for lv in (0.5, 0.55, 0.6, 0.65)))
     print(f"  faithfulness <= {faithfulness_at:+.4f} flags {(measured <= faithfulness_at).mean():.1%} of all, "
           f"{(measured_positive <= faithfulness_at).mean():.1%} of the {positive.sum()} labelled cancer; "
           f"border share > {border_at:.2f} flags {(border > border_at).mean():.1%} of all, "
