@@ -228,3 +228,37 @@ def test_a_passing_storage_error_is_retried_and_shown_as_waiting(make_app, tiny_
     assert final["status"] == "done" and final["error"] is None
     with app.app_context():
         assert db.session.get(Case, 1).attempts >= 2
+
+
+def test_a_three_class_model_shows_verdict_words_and_the_most_likely_class(app, client, tmp_path):
+    import torch
+
+    from ml.checkpoint import save_checkpoint
+    from ml.data import IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES
+    from ml.inference import Predictor
+    from ml.model import build_model
+
+    torch.manual_seed(5)
+    meta = {"architecture": "resnet18", "num_outputs": 3, "class_names": ["benign", "malignant", "normal"],
+            "positive_classes": ["malignant"], "labels": list(LABEL_NAMES), "input_size": 32,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "threshold": 0.5, "threshold_default": 0.5,
+            "calibration": {"method": "platt", "a": 0.5, "b": -0.2}}
+    path = save_checkpoint(tmp_path / "three.pt", build_model("none", 3, (1,)), meta)
+    register_model(app, path, name="three")
+    add_user(app, "doc@example.org")
+    login(client, "doc@example.org")
+    data = image_bytes(size=(80, 60), seed=3)
+    with running_worker(app):
+        case_url = _upload(client, ("scan.png", data)).headers["Location"]
+        status = wait_for_case(client, 1)
+    assert status["status"] == "done", status
+    (prediction,) = _predictions(app, 1)
+    expected = Predictor.from_checkpoint(path, "cpu").predict([io.BytesIO(data)])[0]
+    assert prediction.probability == pytest.approx(expected.probability, abs=1e-5)  # calibrated, as predict says
+    assert prediction.predicted_class == expected.predicted_class
+    assert set(prediction.class_probabilities) == {"benign", "malignant", "normal"}
+    page = client.get(case_url).data.decode()
+    words = {"benign": "benign-appearing", "malignant": "malignant-appearing", "normal": "no lesion"}
+    assert f"Most likely:\n      <strong>{words[prediction.predicted_class]}</strong>" in page
+    assert ("Suspicious for malignancy" if prediction.label == "cancer" else "Not suspicious") in page
+    assert "(calibrated on\n          validation data)" in page
