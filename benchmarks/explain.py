@@ -3,7 +3,8 @@
 
 ResNet18 (random weights unless --model: timing does not depend on them), 224 px, float32, channels_last.
 Prints ms per image for prediction alone (torch.inference_mode), prediction + Grad-CAM and
-+ Grad-CAM++ at layer4 (4 x 4 grid at 128 px), layer3 (8 x 8) and the layer3+layer4 fusion, at
++ Grad-CAM++ at layer4 (4 x 4 grid at 128 px), layer3 (8 x 8), layer2 (16 x 16, Grad-CAM) and the
+layer3+layer4 fusion, at
 batch 1 and 8, each as a ratio to prediction alone measured in the same run; then exact
 Score-CAM against the time of the masked forwards it cannot avoid (one per channel: 512 at
 layer4, run as plain predictions in batches of --scorecam-batch). Where pytorch-grad-cam is
@@ -74,6 +75,7 @@ def main() -> None:
         cases = {"prediction alone": predict,
                  "prediction + Grad-CAM": lambda: explain(model, x, "gradcam"),
                  "prediction + Grad-CAM++": lambda: explain(model, x, "gradcam++"),
+                 "+ Grad-CAM layer2": lambda: explain(model, x, "gradcam", "layer2"),
                  "+ Grad-CAM layer3": lambda: explain(model, x, "gradcam", "layer3"),
                  "+ Grad-CAM++ layer3": lambda: explain(model, x, "gradcam++", "layer3"),
                  "+ Grad-CAM layer3+layer4": lambda: explain(model, x, "gradcam", "layer3+layer4")}

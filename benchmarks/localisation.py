@@ -266,9 +266,10 @@ def main() -> None:
     parser.add_argument("--sites", nargs="+", default=list(SITES))
     parser.add_argument("--methods", nargs="+",
                         default=["gradcam@layer4", "gradcam++@layer4", "gradcam@layer3", "gradcam++@layer3",
-                                 "gradcam@layer3+layer4", "scorecam@layer4", "scorecam@layer3"],
+                                 "gradcam@layer2", "gradcam@layer3+layer4", "gradcam@layer2+layer3",
+                                 "scorecam@layer4", "scorecam@layer3"],
                         help="METHOD[@LAYER]: gradcam, gradcam++, scorecam; layer4 (4x4 grid at 128 px), "
-                             "layer3 (8x8), layer3+layer4 (fusion)")
+                             "layer3 (8x8), layer2 (16x16), layer3+layer4 (fusion)")
     parser.add_argument("--limit", type=int, default=None, help="images per site (spread over the site)")
     parser.add_argument("--scorecam-limit", type=int, default=12,
                         help="images per site for Score-CAM variants (hundreds of forwards each)")
@@ -279,7 +280,7 @@ def main() -> None:
                         help="skip the localisation part (with --warnings: the warning levels only)")
     parser.add_argument("--warnings", action="store_true",
                         help="also measure the faithfulness and border-share distributions")
-    parser.add_argument("--warnings-variant", default="gradcam@layer3")
+    parser.add_argument("--warnings-variant", default="gradcam@layer2", help="the worker's explanation")
     parser.add_argument("--faithfulness-at", type=float, default=None,
                         help="level to report the flagged share for (default: the app's config)")
     parser.add_argument("--border-at", type=float, default=None)

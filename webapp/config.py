@@ -75,10 +75,10 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "WORKER_DEVICE": _env("WORKER_DEVICE"),  # None: CUDA when available, else CPU
         "WORKER_TORCH_THREADS": _env_int("WORKER_TORCH_THREADS", 0),  # 0: torch default
         "EXPLAIN_METHOD": _env("EXPLAIN_METHOD", "gradcam"),
-        # Layer the heatmap is taken from: layer3 gives an 8 x 8 grid at 128 px (layer4: 4 x 4)
-        # and pointed at the lesion most often in benchmarks/localisation.py; "layer3+layer4"
-        # fuses both; empty = layer4. HEATMAP_OUTLINE draws the hottest region's outline.
-        "EXPLAIN_LAYER": _env("EXPLAIN_LAYER", "layer3"),
+        # Layer the heatmap is taken from: layer2 gives a 16 x 16 grid at 128 px (layer3 8 x 8,
+        # layer4 4 x 4) and put the most heatmap mass on the lesion in benchmarks/localisation.py;
+        # "layer3+layer4" fuses layers; empty = layer4. HEATMAP_OUTLINE: outline the hottest region.
+        "EXPLAIN_LAYER": _env("EXPLAIN_LAYER", "layer2"),
         "HEATMAP_OUTLINE": _env_bool("HEATMAP_OUTLINE", True),
         # Upload limits: the whole request, each file, and pixels per image (decompression
         # bombs: a few KB of PNG can claim gigapixels).
