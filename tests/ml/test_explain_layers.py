@@ -36,10 +36,21 @@ def _grid(model, name: str, size: int) -> tuple[int, int]:
     return tuple(capture.captured().shape[-2:])
 
 
-def test_layer3_doubles_the_grid_of_layer4(resnet):
-    # at the demo model's 128 px: layer4 is 4 x 4, layer3 8 x 8 (the case page's minimum)
+def test_finer_layers_double_the_grid(resnet):
+    # at the demo model's 128 px: layer4 is 4 x 4, layer3 8 x 8 (the case page's minimum),
+    # layer2 (the worker's default) 16 x 16
     assert _grid(resnet, "layer4", 128) == (4, 4)
     assert _grid(resnet, "layer3", 128) == (8, 8)
+    assert _grid(resnet, "layer2", 128) == (16, 16)
+
+
+def test_a_layer2_map_is_smooth_at_the_input_size(resnet):
+    # upsampled bilinearly, not one value per grid cell: far more distinct values than the
+    # 16 x 16 cells, and neighbouring pixels differ by at most 1/8 (a cell spans 8 pixels)
+    _, maps = explain(resnet, _images(1, 128, seed=6), "gradcam", "layer2")
+    assert maps.shape == (1, 128, 128)
+    assert maps.unique().numel() > 4 * 16 * 16
+    assert maps.diff(dim=1).abs().max() < 0.25 and maps.diff(dim=2).abs().max() < 0.25
 
 
 def test_a_fusion_is_the_rescaled_mean_of_its_layers_maps(resnet):
