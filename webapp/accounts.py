@@ -6,23 +6,28 @@ rejected change raises AccountError with a message for the person who asked.
 from __future__ import annotations
 
 import re
+import secrets
+from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from webapp.extensions import db
-from webapp.models import ROLES, AuditEvent, User, audit, utcnow
+from webapp.models import ROLES, SignInAttempt, User, audit, utcnow
+from webapp.text import has_forbidden_characters
 
-MIN_PASSWORD_LENGTH = 10
+MIN_PASSWORD_LENGTH = 12
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Passwords fewer than this many different characters ("aaaaaaaaaaaa") are refused as common.
+_MIN_DISTINCT_CHARACTERS = 4
+_COMMON_PASSWORDS_FILE = Path(__file__).with_name("common_passwords.txt")
 
 
 class AccountError(ValueError):
     """A requested account change that cannot be made; the message says why."""
-
-
-class SignInThrottled(AccountError):
-    """Too many failed sign-ins for one account in a short time; the message says how long."""
 
 
 def normalise_email(email: str) -> str:
@@ -33,49 +38,165 @@ def find_user(email: str) -> User | None:
     return db.session.scalar(select(User).where(User.email == normalise_email(email)))
 
 
-def recent_failures(user: User, window: timedelta) -> int:
-    """Failed sign-ins for ``user`` within ``window`` and since their last successful one."""
-    since = utcnow() - window
-    if user.last_login_at is not None and user.last_login_at > since:
-        since = user.last_login_at
-    return db.session.scalar(select(func.count()).select_from(AuditEvent).where(
-        AuditEvent.action == "login.failed", AuditEvent.target_type == "user",
-        AuditEvent.target_id == user.id, AuditEvent.created_at > since))
+@lru_cache(maxsize=1)
+def _common_passwords() -> frozenset[str]:
+    lines = _COMMON_PASSWORDS_FILE.read_text(encoding="utf-8").splitlines()
+    return frozenset(line.strip().lower() for line in lines if line.strip() and not line.startswith("#"))
 
 
-def authenticate(email: str, password: str, max_failures: int = 5, lockout_minutes: int = 15) -> User | None:
-    """The active user with this email and password, or None. Records the sign-in, and
-    every failure (audited). After ``max_failures`` failures within ``lockout_minutes`` an
-    account refuses even the right password until the window has passed (SignInThrottled),
-    which turns password guessing into a few tries an hour."""
+def check_password_rule(password: str) -> None:
+    """The one password rule of the web pages and the command line; raises AccountError.
+
+    At least 12 characters, not only blank characters, not on the shipped list of common
+    passwords (webapp/common_passwords.txt, compared without case) and not made of fewer
+    than four different characters.
+    """
+    password = password or ""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise AccountError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if not password.strip():
+        raise AccountError("the password is only spaces or other blank characters")
+    if password.lower() in _common_passwords() or len(set(password.lower())) < _MIN_DISTINCT_CHARACTERS:
+        raise AccountError("the password is too common or too simple; a few unrelated words make a good one")
+
+
+# ------------------------------------------------------------------ signing in
+
+@lru_cache(maxsize=1)
+def _decoy_hash() -> str:
+    # Checked against when the email is unknown, so that every attempt costs the same hash.
+    return generate_password_hash(secrets.token_hex(16))
+
+
+@dataclass(frozen=True)
+class SignInLimits:
+    max_failures: int = 5  # per (email, address); 0: no throttling at all
+    max_address_failures: int = 20  # per address, over all emails
+    lockout_minutes: int = 15
+
+
+def _throttled(email: str, address: str, limits: SignInLimits) -> bool:
+    """Whether ``address`` may not try ``email`` now: too many failures for this email from
+    this address (since its last success there), or from this address over all emails."""
+    if not limits.max_failures:
+        return False
+    since = utcnow() - timedelta(minutes=limits.lockout_minutes)
+    last_success = db.session.scalar(select(func.max(SignInAttempt.created_at)).where(
+        SignInAttempt.email == email, SignInAttempt.address == address, SignInAttempt.succeeded.is_(True)))
+    pair_since = max(since, last_success) if last_success else since
+    pair = db.session.scalar(select(func.count()).select_from(SignInAttempt).where(
+        SignInAttempt.email == email, SignInAttempt.address == address,
+        SignInAttempt.succeeded.is_(False), SignInAttempt.created_at > pair_since))
+    if pair >= limits.max_failures:
+        return True
+    if not limits.max_address_failures:
+        return False
+    overall = db.session.scalar(select(func.count()).select_from(SignInAttempt).where(
+        SignInAttempt.address == address, SignInAttempt.succeeded.is_(False), SignInAttempt.created_at > since))
+    return overall >= limits.max_address_failures
+
+
+def authenticate(email: str, password: str, address: str, limits: SignInLimits = SignInLimits()) -> User | None:
+    """The active user with this email and password, or None; records the attempt.
+
+    Every refusal looks the same to the caller (unknown email, wrong password, deactivated
+    account, too many failures) and costs the same password-hash work, so that neither the
+    answer nor its time tells whether an account exists. The reason is audited for admins.
+    Failures are counted per (email as typed, client address) and per address: an attacker
+    who fails from their address is refused there, while the account's owner, from
+    another address, still signs in.
+    """
+    email = normalise_email(email)[:254]
+    address = (address or "unknown")[:64]
     user = find_user(email)
-    window = timedelta(minutes=lockout_minutes)
-    if user is not None and max_failures and recent_failures(user, window) >= max_failures:
-        raise SignInThrottled(f"too many failed sign-ins for this account; try again in {lockout_minutes} minutes "
-                              "or ask an admin")
-    if user is None or not user.active or not user.check_password(password or ""):
-        # Unknown emails are recorded too (without a target) so an admin sees guessing.
-        audit("login.failed", target=user, email=normalise_email(email)[:254])
+    known = user is not None and user.active
+    # The hash always runs, right password or not, known account or not.
+    password_ok = check_password_hash(user.password_hash if known else _decoy_hash(), password or "")
+    throttled = _throttled(email, address, limits)
+    if known and password_ok and not throttled:
+        user.last_login_at = utcnow()
+        db.session.add(SignInAttempt(email=email, address=address, succeeded=True))
+        audit("login", actor=user, target=user, address=address)
         db.session.commit()
-        return None
-    user.last_login_at = utcnow()
-    audit("login", actor=user, target=user)
+        return user
+    reason = ("throttled" if throttled else "unknown email" if user is None
+              else "deactivated" if not user.active else "wrong password")
+    db.session.add(SignInAttempt(email=email, address=address, succeeded=False))
+    # Unknown emails are recorded too (without a target) so an admin sees guessing.
+    audit("login.failed", target=user, email=email, address=address, reason=reason)
     db.session.commit()
-    return user
+    return None
 
 
-def create_user(email: str, password: str, role: str = "clinician", actor: User | None = None) -> User:
-    """Create an active user. Raises AccountError for a bad email, role or password."""
+def failed_sign_ins(user: User, minutes: int) -> int:
+    """Failed sign-ins for ``user``'s email, from any address, in the last ``minutes``."""
+    return db.session.scalar(select(func.count()).select_from(SignInAttempt).where(
+        SignInAttempt.email == user.email, SignInAttempt.succeeded.is_(False),
+        SignInAttempt.created_at > utcnow() - timedelta(minutes=minutes)))
+
+
+def unlock(user: User, actor: User | None = None) -> int:
+    """Forget the failed sign-ins for ``user``'s email (every address), so that no address
+    is throttled for it any more; returns how many were forgotten. Audited."""
+    failures = db.session.execute(delete(SignInAttempt).where(
+        SignInAttempt.email == user.email, SignInAttempt.succeeded.is_(False))).rowcount
+    audit("user.unlock", actor=actor, target=user, failures_cleared=failures)
+    db.session.commit()
+    return failures
+
+
+# ------------------------------------------------------------------ passwords
+
+def change_password(user: User, current: str, new: str, address: str = "unknown",
+                    limits: SignInLimits = SignInLimits()) -> None:
+    """The user's own change: the current password, then the rule; the new one must differ.
+
+    Ends the user's other sessions (the caller re-stamps its own). A wrong current password
+    counts as a failed sign-in, so a stolen session cannot be used to guess the password.
+    """
+    if _throttled(user.email, address, limits) or not user.check_password(current or ""):
+        db.session.add(SignInAttempt(email=user.email, address=(address or "unknown")[:64], succeeded=False))
+        audit("user.change_password.failed", actor=user, target=user, address=address)
+        db.session.commit()
+        raise AccountError("the current password is wrong")
+    check_password_rule(new)
+    if user.check_password(new):
+        raise AccountError("the new password must differ from the current one")
+    user.set_password(new)
+    user.must_change_password = False
+    end_sessions(user)
+    audit("user.change_password", actor=user, target=user)
+    db.session.commit()
+
+
+def reset_password(user: User, temporary: str, actor: User | None = None) -> None:
+    """An admin's reset: a temporary password that must be changed at the next sign-in.
+    Ends the user's sessions and forgets their failed sign-ins."""
+    check_password_rule(temporary)
+    user.set_password(temporary)
+    user.must_change_password = True
+    end_sessions(user)
+    db.session.execute(delete(SignInAttempt).where(
+        SignInAttempt.email == user.email, SignInAttempt.succeeded.is_(False)))
+    audit("user.reset_password", actor=actor, target=user)
+    db.session.commit()
+
+
+def create_user(email: str, password: str, role: str = "clinician", actor: User | None = None,
+                must_change_password: bool = False) -> User:
+    """Create an active user. Raises AccountError for a bad email, role or password.
+
+    ``must_change_password``: the user must choose their own password at the first sign-in
+    (accounts an admin creates on the users page)."""
     email = normalise_email(email)
-    if not _EMAIL.match(email):
+    if not _EMAIL.match(email) or has_forbidden_characters(email):
         raise AccountError(f"{email!r} is not an email address")
     if role not in ROLES:
         raise AccountError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    if len(password or "") < MIN_PASSWORD_LENGTH:
-        raise AccountError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    check_password_rule(password)
     if find_user(email) is not None:
         raise AccountError(f"a user with email {email} already exists")
-    user = User(email=email, role=role, active=True)
+    user = User(email=email, role=role, active=True, must_change_password=must_change_password)
     user.set_password(password)
     db.session.add(user)
     db.session.flush()  # the audit event needs the new id

@@ -5,12 +5,14 @@ Nothing here imports torch: the worker that `run` starts is a separate process.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 from contextlib import contextmanager
 
 import click
+from werkzeug.serving import WSGIRequestHandler
 
 from webapp.config import EMBEDDED_BROKER, PROJECT_ROOT, load_config
 
@@ -49,7 +51,7 @@ def init(admin_email: str | None) -> None:
     from webapp import MIGRATIONS_DIR
     from webapp.accounts import AccountError, create_user, has_admin
 
-    with _app_context() as app:
+    with private_files(), _app_context() as app:  # the database it creates is ours alone
         flask_migrate.upgrade(directory=str(MIGRATIONS_DIR))
         click.echo(f"database ready: {app.config['SQLALCHEMY_DATABASE_URI'].split('@')[-1]}")
         if has_admin():
@@ -70,22 +72,62 @@ def users() -> None:
     """Create, list and manage accounts."""
 
 
+def _read_password(prompt: str, from_stdin: bool) -> str:
+    """A password from one line of standard input (``--password-stdin``, for scripts) or a
+    hidden prompt typed twice; never from the command line, where shell history and the
+    process list would keep it."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n")
+    return click.prompt(prompt, hide_input=True, confirmation_prompt=True)
+
+
 @users.command("create")
 @click.argument("email")
 @click.option("--role", type=click.Choice(["clinician", "reviewer", "admin"]), default="clinician", show_default=True)
-@click.option("--password", envvar=None, help="Omit to be prompted (keeps it out of shell history).")
-def users_create(email: str, role: str, password: str | None) -> None:
-    """Create an account."""
+@click.option("--password-stdin", is_flag=True, help="Read the password from one line of standard input.")
+@click.option("--must-change/--no-must-change", default=False, show_default=True,
+              help="Make the user choose their own password at the first sign-in.")
+def users_create(email: str, role: str, password_stdin: bool, must_change: bool) -> None:
+    """Create an account; the password is prompted for (or read from standard input)."""
     from webapp.accounts import AccountError, create_user
 
-    if password is None:
-        password = click.prompt(f"Password for {email}", hide_input=True, confirmation_prompt=True)
+    password = _read_password(f"Password for {email}", password_stdin)
     with _app_context():
         try:
-            user = create_user(email, password, role)
+            user = create_user(email, password, role, must_change_password=must_change)
         except AccountError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"created {user.email} ({user.role})")
+
+
+@users.command("reset-password")
+@click.argument("email")
+@click.option("--password-stdin", is_flag=True, help="Read the temporary password from one line of standard input.")
+def users_reset_password(email: str, password_stdin: bool) -> None:
+    """Set a temporary password; the user must choose a new one at the next sign-in."""
+    from webapp.accounts import AccountError, reset_password
+
+    password = _read_password(f"Temporary password for {email}", password_stdin)
+    with _app_context():
+        user = _user_or_fail(email)
+        try:
+            reset_password(user, password)
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"password of {user.email} reset; they must choose a new password at the next sign-in")
+
+
+@users.command("unlock")
+@click.argument("email")
+def users_unlock(email: str) -> None:
+    """Forget an account's failed sign-ins, so that no address is throttled for it."""
+    from webapp.accounts import unlock
+
+    with _app_context():
+        user = _user_or_fail(email)
+        count = unlock(user)
+        click.echo(f"{user.email} may sign in again from every address ({count} failed sign-in(s) forgotten)")
 
 
 @users.command("list")
@@ -162,6 +204,24 @@ def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
 
+class QuietRequestHandler(WSGIRequestHandler):
+    """Werkzeug's request handler without the ``Server: Werkzeug/x Python/y`` banner."""
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() != "server":  # a version banner tells attackers what to try
+            super().send_header(keyword, value)
+
+
+@contextmanager
+def private_files():
+    """Files and folders created inside are readable by this account only (umask 077)."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
@@ -185,6 +245,9 @@ def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
     # ignored): the worker must be stopped and the broker saved before we exit.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    # Whatever this process and the worker it starts create (database, WAL, broker data,
+    # stored images) is for this account only.
+    os.umask(0o077)
     settings = load_config()
     broker = None
     url = settings["CELERY_BROKER_URL"]
@@ -210,7 +273,7 @@ def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
             # A separate process: reading the checkpoint needs torch, which this one never loads.
             subprocess.run([sys.executable, str(PROJECT_ROOT / "manage.py"), "demo", "--broker-url", url], check=False)
         click.echo(f"serving on http://{host}:{port}/ (worker pid {worker.pid}; Ctrl-C stops both)")
-        run_simple(host, port, app, threaded=True, use_reloader=False)
+        run_simple(host, port, app, threaded=True, use_reloader=False, request_handler=QuietRequestHandler)
     except KeyboardInterrupt:
         click.echo("stopping")
     finally:

@@ -93,9 +93,19 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "FAITHFULNESS_WARNING": float(_env("FAITHFULNESS_WARNING", "-0.05")),  # score in [-1, 1]
         # Status polling interval of the case page, in milliseconds.
         "STATUS_POLL_MS": _env_int("STATUS_POLL_MS", 1000),
-        # Failed sign-ins per account before it refuses sign-ins for the lockout window (0: off).
+        # Failed sign-ins for one email from one client address before that address may no
+        # longer try that email for the lockout window (0: off); other addresses are not
+        # affected, so nobody can lock a colleague out. LOGIN_MAX_FAILURES_PER_ADDRESS bounds
+        # the failures from one address over all emails (guessing many accounts).
         "LOGIN_MAX_FAILURES": _env_int("LOGIN_MAX_FAILURES", 5),
+        "LOGIN_MAX_FAILURES_PER_ADDRESS": _env_int("LOGIN_MAX_FAILURES_PER_ADDRESS", 20),
         "LOGIN_LOCKOUT_MINUTES": _env_int("LOGIN_LOCKOUT_MINUTES", 15),
+        # Behind a reverse proxy the client address is in X-Forwarded-For: set this to the
+        # number of proxies in front of the app (0: use the connection's own address). Never
+        # above the real number, or clients could choose their own address.
+        "TRUSTED_PROXIES": _env_int("TRUSTED_PROXIES", 0),
+        # Strict-Transport-Security lifetime, sent only when SESSION_COOKIE_SECURE is on.
+        "HSTS_MAX_AGE": _env_int("HSTS_MAX_AGE", 31536000),
         # Cookies: HttpOnly and SameSite always; Secure needs HTTPS, which a laptop
         # serving http://127.0.0.1 does not have, so production turns it on.
         "SESSION_COOKIE_HTTPONLY": True,

@@ -47,6 +47,9 @@ class User(UserMixin, db.Model):
     # Part of every session's identity: raising it (sign-out, deactivation) ends all of
     # this user's sessions, whatever cookies are still around.
     session_version: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Set when an admin creates the account or resets its password: the next sign-in leads
+    # straight to the password change page, and nothing else opens until it is done.
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password)
@@ -188,6 +191,24 @@ class Prediction(db.Model):
     model_version: Mapped[ModelVersion] = relationship()
 
     __table_args__ = (UniqueConstraint("case_id", "model_version_id"),)
+
+
+class SignInAttempt(db.Model):
+    """One sign-in attempt, by the email as typed (known account or not) and the client
+    address. Throttling counts failures per (email, address) and per address, so that
+    nobody can lock an account for everyone from one address (docs/security.md)."""
+
+    __tablename__ = "sign_in_attempt"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    email: Mapped[str] = mapped_column(String(254))
+    address: Mapped[str] = mapped_column(String(64))
+    succeeded: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        Index("ix_sign_in_attempt_email_address", "email", "address", "created_at"),
+        Index("ix_sign_in_attempt_address", "address", "created_at"),
+    )
 
 
 class Heartbeat(db.Model):

@@ -38,9 +38,9 @@ def test_init_prompts_for_the_password(run_cli):
 
 def test_users_create_set_role_deactivate(run_cli):
     run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-secret"})
-    assert run_cli("users", "create", "doc@example.org", "--password", "doc-password-1").exit_code == 0
-    short = run_cli("users", "create", "x@example.org", "--password", "short")
-    assert short.exit_code == 1 and "at least 10 characters" in short.output
+    assert run_cli("users", "create", "doc@example.org", "--password-stdin", input="doc-password-1\n").exit_code == 0
+    short = run_cli("users", "create", "x@example.org", "--password-stdin", input="short\n")
+    assert short.exit_code == 1 and "at least 12 characters" in short.output
     assert "doc@example.org is now reviewer" in run_cli("users", "set-role", "doc@example.org", "reviewer").output
     assert "deactivated" in run_cli("users", "deactivate", "doc@example.org").output
     line = next(l for l in run_cli("users", "list").output.splitlines() if l.startswith("doc@"))

@@ -7,7 +7,8 @@ from webapp.models import ROLES
 
 class CreateUserForm(FlaskForm):
     email = EmailField("Email", validators=[DataRequired(), Length(max=254)])
-    password = PasswordField("Initial password", validators=[DataRequired(), Length(min=10, max=200)])
+    # The rule (length, common passwords) is accounts.check_password_rule, as on the command line.
+    password = PasswordField("Initial password", validators=[DataRequired(), Length(max=200)])
     role = SelectField("Role", choices=list(ROLES), default="clinician")
     submit = SubmitField("Create user")
 
@@ -19,6 +20,15 @@ class RoleForm(FlaskForm):
 
 class DeactivateForm(FlaskForm):
     submit = SubmitField("Deactivate")
+
+
+class ResetPasswordForm(FlaskForm):
+    password = PasswordField("Temporary password", validators=[DataRequired(), Length(max=200)])
+    submit = SubmitField("Reset password")
+
+
+class UnlockForm(FlaskForm):
+    submit = SubmitField("Unlock")
 
 
 class ActivationForm(FlaskForm):

@@ -5,8 +5,10 @@ from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
-from webapp.accounts import AccountError, create_user, deactivate, set_role
-from webapp.admin.forms import ActivationForm, CreateUserForm, DeactivateForm, RoleForm
+from webapp.accounts import (AccountError, create_user, deactivate, failed_sign_ins, reset_password, set_role,
+                              unlock)
+from webapp.admin.forms import (ActivationForm, CreateUserForm, DeactivateForm, ResetPasswordForm, RoleForm,
+                                UnlockForm)
 from webapp.auth.roles import role_required
 from webapp.extensions import db
 from webapp.model_card import model_card
@@ -25,8 +27,10 @@ def _user(user_id: int) -> User:
 
 def _render_users(form: CreateUserForm, status: int = 200):
     users = db.session.scalars(select(User).order_by(User.email)).all()
-    return render_template("admin/users.html", users=users, form=form,
-                           roles=ROLES), status
+    minutes = current_app.config["LOGIN_LOCKOUT_MINUTES"]
+    failures = {user.id: failed_sign_ins(user, minutes) for user in users}
+    return render_template("admin/users.html", users=users, form=form, roles=ROLES, failures=failures,
+                           lockout_minutes=minutes), status
 
 
 @bp.get("/users")
@@ -42,9 +46,12 @@ def users_create():
     if not form.validate_on_submit():
         return _render_users(form, 400)
     try:
-        user = create_user(form.email.data, form.password.data, form.role.data, actor=current_user)
+        # The admin typed this password: the user must replace it at the first sign-in.
+        user = create_user(form.email.data, form.password.data, form.role.data, actor=current_user,
+                           must_change_password=True)
     except AccountError as exc:
-        form.email.errors = [str(exc)]
+        field = form.password if "password" in str(exc) else form.email
+        field.errors = [str(exc)]
         return _render_users(form, 400)
     flash(f"Created {user.email} ({user.role}).", "info")
     return redirect(url_for("admin.users"), 303)
@@ -70,6 +77,31 @@ def users_deactivate(user_id: int):
     user = _user(user_id)
     return _button_action(DeactivateForm(), lambda: deactivate(user, actor=current_user),
                           lambda _: f"{user.email} can no longer sign in.", "Not deactivated", "admin.users")
+
+
+@bp.post("/users/<int:user_id>/password")
+@role_required("admin")
+def users_reset_password(user_id: int):
+    """Set a temporary password; the user must choose their own at the next sign-in."""
+    user, form = _user(user_id), ResetPasswordForm()
+    if not form.validate_on_submit():
+        abort(400, description="Type a temporary password for the account.")
+    try:
+        reset_password(user, form.password.data, actor=current_user)
+        flash(f"Password of {user.email} reset: their sessions ended, and at the next sign-in "
+              "they must choose a new one. Give them the temporary password in person.", "info")
+    except AccountError as exc:
+        flash(f"Password not reset: {exc}.", "error")
+    return redirect(url_for("admin.users"), 303)
+
+
+@bp.post("/users/<int:user_id>/unlock")
+@role_required("admin")
+def users_unlock(user_id: int):
+    user = _user(user_id)
+    return _button_action(UnlockForm(), lambda: unlock(user, actor=current_user),
+                          lambda n: f"{user.email} may sign in again from every address ({n} failed sign-in(s) forgotten).",
+                          "Not unlocked", "admin.users")
 
 
 @bp.get("/models")

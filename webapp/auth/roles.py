@@ -19,6 +19,8 @@ def role_required(*roles: str) -> Callable:
                 abort(403, description="Your account's role does not allow this page.")
             return view(*args, **kwargs)
 
+        # Read by tests/webapp/test_route_rules.py: every route must name its roles.
+        wrapped.required_roles = roles
         return wrapped
 
     return decorator
