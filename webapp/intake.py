@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from webapp.background import is_stuck, send_case
 from webapp.extensions import db
 from webapp.models import Case, User, audit, utcnow
+from webapp.text import clean_filename
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
 
 
 def display_name(filename: str | None) -> str:
-    """The file's own name without any folder part, for display only."""
-    name = PurePath((filename or "").replace("\\", "/")).name.strip()
+    """The file's own name without any folder part, control or format characters (NUL,
+    escapes, right-to-left override), for display only."""
+    name = PurePath(clean_filename(filename or "").replace("\\", "/")).name.strip()
     return (name or "unnamed")[:255]
 
 

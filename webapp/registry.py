@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,18 @@ _META_LEFT_OUT = ("history", "skipped_files", "split")
 
 class RegistryError(ValueError):
     """A registration or activation that cannot be done; the message says why."""
+
+
+# Names appear in URLs (/admin/models/<name>) and file names: no "/", spaces or controls.
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_version_name(name: str) -> None:
+    """Raise RegistryError unless ``name`` is 1-64 letters, digits, '.', '_' or '-',
+    starting with a letter or digit."""
+    if not _VERSION_NAME.fullmatch(name or ""):
+        raise RegistryError(f"the version name {name!r} is not allowed: use 1 to 64 letters, digits, '.', '_' "
+                            "or '-', starting with a letter or digit")
 
 
 def _metrics(meta: dict[str, Any]) -> dict[str, float]:
@@ -48,6 +61,8 @@ def register_model_version(path: str | Path, meta: dict[str, Any], *, name: str 
     (RegistryError naming the existing version). With ``activate`` it becomes the version
     workers use from their next task.
     """
+    if name is not None:
+        check_version_name(name)
     data = Path(path).read_bytes()
     checksum = hashlib.sha256(data).hexdigest()
     existing = db.session.scalar(select(ModelVersion).where(ModelVersion.checksum == checksum))

@@ -15,8 +15,27 @@ from pathlib import Path
 _KEY = re.compile(r"^[a-z]+/[0-9a-f]{2}/[0-9a-f]{64}\.[a-z0-9]{1,5}$")
 
 
+def make_private(path: Path, directory: bool = False) -> None:
+    """Create ``path`` (a folder, or an empty file) readable by its owner only, or take
+    group and other permissions away from an existing one that we own."""
+    if directory:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    elif not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:  # another process created it first
+            pass
+    try:
+        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o700 if directory else 0o600)
+    except OSError:  # a file system without modes, or not ours to change: leave it
+        pass
+
+
 class FileStore:
-    """A folder of immutable files named by their sha256."""
+    """A folder of immutable files named by their sha256, readable by the owner only
+    (patient images)."""
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
@@ -27,7 +46,11 @@ class FileStore:
         key = f"{kind}/{digest[:2]}/{digest}{suffix.lower()}"
         path = self.path(key)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.parent.is_dir():
+                make_private(self.root, directory=True)
+                for folder in (path.parent.parent, path.parent):
+                    folder.mkdir(mode=0o700, exist_ok=True)
+            # mkstemp creates the file with mode 0600.
             # Write then rename: a reader never sees half a file, and two writers of the
             # same content simply replace one identical file with another.
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")

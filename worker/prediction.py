@@ -45,9 +45,24 @@ class ModelCache:
         with self._lock:
             loaded = self._loaded
             if loaded is None or loaded.version_id != version.id or loaded.checksum != version.checksum:
+                import hashlib
+
+                from ml import MLError
                 from ml.inference import Predictor
 
                 path = current_app.extensions["file_store"].path(version.file_key)
+                # Never load a file that is not the one registered (swapped or damaged on
+                # disk): a checkpoint is code-adjacent, and its output informs clinicians.
+                digest = hashlib.sha256()
+                if path.is_file():  # a missing file is the loader's to report, as before
+                    with open(path, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            digest.update(block)
+                if path.is_file() and digest.hexdigest() != version.checksum:
+                    log.error("model version %s: %s has sha256 %s, registered %s", version.name, path,
+                              digest.hexdigest(), version.checksum)
+                    raise MLError("its file on disk does not match the registered checksum (sha256); it was "
+                                  "replaced, truncated or damaged after registration, so it was not loaded")
                 log.info("loading model version %s from %s", version.name, path)
                 self._loaded = loaded = _Loaded(version.id, version.checksum, Predictor.from_checkpoint(
                     path, device=current_app.config["WORKER_DEVICE"]))
