@@ -247,7 +247,7 @@ def report_warnings(predictor: Predictor, data: Path, sites: list[str], variant:
     print(f"  border share percentiles {q}: " + " ".join(f"{v:.3f}" for v in np.percentile(border, q)))
     print("  share flagged at other levels (all / labelled cancer):")
     print("    faithfulness <= " + ", ".join(
-        f"{lv:+.2f}: {(measured <= lv).mean():.0%} / {(measured_positive <= lv).mean():.0%}"
+        f"{lv:+.3f}: {(measured <= lv).mean():.0%} / {(measured_positive <= lv).mean():.0%}"
         for lv in (0.0, -0.005, -0.01, -0.02, -0.05, -0.1)))
     print("    border share > " + ", ".join(
         f"{lv:.2f}: {(border > lv).mean():.0%} / {(border[positive] > lv).mean():.0%}"
