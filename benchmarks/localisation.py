@@ -27,7 +27,6 @@ layer3): use ``--limit`` and ``--methods``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from dataclasses import dataclass
