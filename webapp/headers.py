@@ -37,7 +37,8 @@ def register(app: Flask) -> None:
             headers["Strict-Transport-Security"] = f"max-age={app.config['HSTS_MAX_AGE']}"
         if request.endpoint != "static":
             # Everything but CSS and JavaScript may show patient data or depend on who asks.
-            headers["Cache-Control"] = "no-store"
+            # "private" as well, for caches that do not know no-store.
+            headers["Cache-Control"] = "no-store, private"
             headers.pop("Expires", None)
         headers.pop("Server", None)
         return response

@@ -164,8 +164,6 @@ def case_file(case_id: int, kind: str):
     store = current_app.extensions["file_store"]
     if not key or not store.exists(key):
         abort(404, description=f"This case has no {kind} yet.")
-    response = send_file(store.path(key), conditional=True, max_age=3600)
-    # Patient images: browsers may keep them, shared caches and proxies may not.
-    response.cache_control.private = True
-    response.cache_control.public = False
-    return response
+    # Patient images: nothing may keep them, not even the browser after sign-out; every
+    # response but static files is "no-store" (webapp/headers.py).
+    return send_file(store.path(key), conditional=True, max_age=0)
