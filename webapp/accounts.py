@@ -96,6 +96,12 @@ def _throttled(email: str, address: str, limits: SignInLimits) -> bool:
     return overall >= limits.max_address_failures
 
 
+def _forget_old_attempts(limits: SignInLimits) -> None:
+    # Attempts older than the window no longer count; the audit log keeps the history.
+    minutes = max(limits.lockout_minutes, 1)
+    db.session.execute(delete(SignInAttempt).where(SignInAttempt.created_at < utcnow() - timedelta(minutes=minutes)))
+
+
 def authenticate(email: str, password: str, address: str, limits: SignInLimits = SignInLimits()) -> User | None:
     """The active user with this email and password, or None; records the attempt.
 
@@ -119,6 +125,7 @@ def authenticate(email: str, password: str, address: str, limits: SignInLimits =
         audit("login", actor=user, target=user, address=address)
         db.session.commit()
         return user
+    _forget_old_attempts(limits)
     reason = ("throttled" if throttled else "unknown email" if user is None
               else "deactivated" if not user.active else "wrong password")
     db.session.add(SignInAttempt(email=email, address=address, succeeded=False))
