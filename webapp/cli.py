@@ -291,4 +291,64 @@ def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
             broker.stop()
 
 
-COMMANDS = [init, users, run, sweep]
+@click.group()
+def tokens() -> None:
+    """Create, list and revoke API tokens (docs/api.md)."""
+
+
+@tokens.command("create")
+@click.argument("email")
+@click.option("--name", required=True, help="What or who uses the token (shown in the list and the audit log).")
+@click.option("--expires-days", type=int, default=None, help="Refuse the token after this many days (default: never).")
+def tokens_create(email: str, name: str, expires_days: int | None) -> None:
+    """Create a token acting as EMAIL's account; the secret is printed this once only."""
+    from webapp.api.tokens import TokenError, create_token
+
+    with _app_context():
+        user = _user_or_fail(email)
+        try:
+            token, secret = create_token(user, name, expires_days=expires_days)
+        except TokenError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"token {token.id} for {user.email} ({user.role}), '{token.name}'"
+                   + (f", expires {token.expires_at:%Y-%m-%d %H:%M} UTC" if token.expires_at else ""))
+        click.echo("Copy it now; it is stored hashed and cannot be shown again:", err=True)
+        click.echo(secret)
+
+
+@tokens.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include revoked tokens.")
+def tokens_list(show_all: bool) -> None:
+    """List tokens: id, start of the secret, account, role, name, last use, expiry."""
+    from webapp.api.tokens import list_tokens
+
+    def when(value):
+        return value.strftime("%Y-%m-%d %H:%M") if value else "never"
+
+    with _app_context():
+        for token in list_tokens(include_revoked=show_all):
+            state = f"revoked {when(token.revoked_at)}" if token.revoked_at else f"expires {when(token.expires_at)}"
+            click.echo(f"{token.id:5} {token.prefix}…  {token.user.email:32} {token.user.role:10} "
+                       f"{token.name[:30]:30} used {when(token.last_used_at):16} {state}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id", type=int)
+def tokens_revoke(token_id: int) -> None:
+    """Revoke a token (by the id that 'tokens list' shows); it is refused from then on."""
+    from webapp.api.tokens import TokenError, revoke_token
+    from webapp.extensions import db
+    from webapp.models import ApiToken
+
+    with _app_context():
+        token = db.session.get(ApiToken, token_id)
+        if token is None:
+            raise click.ClickException(f"no token with id {token_id}")
+        try:
+            revoke_token(token)
+        except TokenError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"token {token.id} ({token.prefix}…, {token.user.email}) revoked")
+
+
+COMMANDS = [init, users, run, sweep, tokens]

@@ -9,6 +9,8 @@ from webapp.extensions import db
 
 
 def _wants_json() -> bool:
+    if request.path.startswith("/api/"):  # the JSON API answers in JSON, whatever the client accepts
+        return True
     best = request.accept_mimetypes.best_match(["application/json", "text/html"])
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
 

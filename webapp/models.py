@@ -339,3 +339,28 @@ class ReviewRevision(db.Model):
     review: Mapped[Review] = relationship(back_populates="revisions")
 
     __table_args__ = (UniqueConstraint("review_id", "revision"),)
+
+
+class ApiToken(db.Model):
+    """A bearer token for the JSON API, acting as one user (with that user's role).
+
+    Only the sha256 of the secret is stored: the secret is shown once, at creation.
+    `prefix` (the secret's first characters) lets people tell their tokens apart.
+    """
+
+    __tablename__ = "api_token"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    user: Mapped[User] = relationship(foreign_keys=[user_id])
+
+    def __repr__(self) -> str:
+        return f"<ApiToken {self.id} {self.prefix}… {'revoked' if self.revoked_at else 'live'}>"

@@ -177,7 +177,8 @@ def record_blind_read(case: Case, reviewer: User, label: str | None, confidence:
 
 
 def submit_review(case: Case, reviewer: User, verdict: str | None, label: str | None,
-                  confidence: str | None, comment: str | None, token: str | None) -> Review:
+                  confidence: str | None, comment: str | None, token: str | None, *,
+                  timed: bool = True) -> Review:
     """Record (or revise) ``reviewer``'s review of the case's latest prediction.
 
     ``agree`` confirms the model's label (a label, if given, must say the same);
@@ -185,6 +186,8 @@ def submit_review(case: Case, reviewer: User, verdict: str | None, label: str | 
     Benign / malignant / normal are accepted and counted as normal / cancer / normal.
     Every submission is appended to the review's history; the first one's reading time
     (opening the page to submitting, plus the blind read) is the review's reading time.
+    ``timed=False`` (an API client that sent no opening token): the reading time is
+    recorded as not measured.
     """
     prediction = _check(reviewer, case)
     verdict = (verdict or "").strip().lower()
@@ -213,7 +216,7 @@ def submit_review(case: Case, reviewer: User, verdict: str | None, label: str | 
     review = current_review(case.id, reviewer.id)
     if review is None and needs_blind_read(case, reviewer):
         raise ReviewRejected("blinded review: give your own label before seeing the model's output")
-    seconds = reading_seconds(token, case.id, reviewer.id)
+    seconds = reading_seconds(token, case.id, reviewer.id) if timed else None
     now = utcnow()
     first_final = review is None or review.verdict is None
     if review is None:

@@ -56,6 +56,8 @@ def _safe_next(target: str | None) -> str:
 def _forced_password_change():
     """After an admin's reset (or an account an admin created) nothing opens until the
     user has chosen their own password."""
+    if request.blueprint == "api":  # bearer tokens only there; the session plays no part
+        return None
     if (request.endpoint not in _OPEN_DURING_FORCED_CHANGE and current_user.is_authenticated
             and current_user.must_change_password):
         return redirect(url_for("auth.change_password"), 303 if request.method != "GET" else 302)
