@@ -42,6 +42,16 @@ def test_the_demo_model_was_not_trained_on_bus_uclm():
     from ml.checkpoint import load_checkpoint
 
     meta = load_checkpoint(PROJECT_ROOT / "demo" / "model.pt")["meta"]
-    text = repr({k: v for k, v in meta.items() if k not in ("history",)}).lower()
+    text = repr({k: v for k, v in meta.items() if k not in ("history", "seen_images")}).lower()
     assert "busi" in text
     assert "uclm" not in text and "bus_uclm" not in text
+
+
+@pytest.mark.skipif(not UCLM.is_dir(), reason="the BUS-UCLM copy in ../shared/data is not here")
+def test_no_bus_uclm_image_is_among_the_demo_models_training_images():
+    from ml.checkpoint import load_checkpoint
+
+    seen = set(load_checkpoint(PROJECT_ROOT / "demo" / "model.pt")["meta"]["seen_images"]["sha256"])
+    uclm = {hashlib.sha256(p.read_bytes()).hexdigest() for p in UCLM.rglob("*.png")}
+    assert len(seen) > 800 and len(uclm) > 600
+    assert not seen & uclm
