@@ -40,9 +40,10 @@ def seed_demo(model_path: Path = DEMO_MODEL, images_dir: Path = DEMO_IMAGES) -> 
     version = db.session.scalar(select(ModelVersion).where(ModelVersion.checksum == checksum))
     if version is None:
         predictor = Predictor.from_checkpoint(model_path, device="cpu")
-        version = register_model_version(model_path, predictor.meta, name="demo-busi",
+        version = register_model_version(model_path, predictor.meta, name="demo-2sites",
                                          activate=active_version() is None,
-                                         notes="Research demo trained on BUSI ultrasound images; not for clinical use.")
+                                         notes="Research demo trained on BUSI (Egypt) and BrEaST-Lesions-USG (Poland) "
+                                               "ultrasound images; not for clinical use.")
         outcome.model = f"registered {version.name}" + (" (active)" if version.is_active else "")
     else:
         outcome.model = f"{version.name} already registered"
@@ -58,6 +59,6 @@ def seed_demo(model_path: Path = DEMO_MODEL, images_dir: Path = DEMO_IMAGES) -> 
             continue
         files.append((path.name, data))
     if files:
-        result = receive_uploads(files, "Demo case (public BUSI image), not a patient of this site.", admin)
+        result = receive_uploads(files, "Demo case (public BUSI or BrEaST-Lesions-USG image), not a patient of this site.", admin)
         outcome.cases_added = [c.id for c in result.accepted]
     return outcome
