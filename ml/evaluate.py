@@ -174,7 +174,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     save(fig, "pr.png")
 
     c = result["confusion"]
-    matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])  # the verdict at the threshold
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), v in np.ndenumerate(matrix):
@@ -184,12 +184,22 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
            xlabel="predicted", ylabel="true", title=f"Confusion at {result['threshold']:.3f}")
     save(fig, "confusion.png")
 
+    # reliability diagram: observed malignant fraction per equal-width bin of the calibrated
+    # probability (bars), the diagonal of perfect calibration, and how many cases each bin holds
     bins = result["calibration"]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = 1.0 / max(len(bins), 1) if not bins else bins[0]["hi"] - bins[0]["lo"]
+    ax.bar([b["lo"] for b in bins], [b["observed"] for b in bins], width=width, align="edge",
+           edgecolor="black", color="#4c72b0", label="observed fraction malignant")
+    ax.bar([b["lo"] for b in bins], [b["mean_predicted"] - b["observed"] for b in bins], bottom=[b["observed"] for b in bins],
+           width=width, align="edge", color="none", edgecolor="crimson", hatch="//", label="gap to the mean predicted")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.plot([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], marker="o")
-    ax.set(xlabel="mean predicted probability", ylabel="observed fraction cancer",
-           title=f"Calibration (Brier {result['brier']:.3f})", xlim=(0, 1), ylim=(0, 1))
+    ece = result.get("ece")
+    ax.set(ylabel="observed fraction malignant", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability (ECE {ece:.3f}, Brier {result['brier']:.3f})" if ece is not None else "Reliability")
+    ax.legend(loc="upper left", fontsize=7)
+    counts.bar([b["lo"] for b in bins], [b["n"] for b in bins], width=width, align="edge", color="grey")
+    counts.set(xlabel="calibrated probability of malignancy", ylabel="cases")
     save(fig, "calibration.png")
 
     (out / "metrics.json").write_text(to_json(result))
