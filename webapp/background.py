@@ -62,6 +62,8 @@ def celery_settings(app_config: dict, broker_url: str | None) -> dict:
         # One job at a time per process: a long job never holds a second one hostage.
         "worker_prefetch_multiplier": 1,
         "worker_proc_alive_timeout": app_config["WORKER_PROC_ALIVE_TIMEOUT"],
+        # Celery counts KiB; None leaves pool processes alone.
+        "worker_max_memory_per_child": (app_config.get("WORKER_MAX_MEMORY_MB", 0) * 1024) or None,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_hijack_root_logger": False,
         "task_serializer": "json",

@@ -85,6 +85,19 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "MAX_CONTENT_LENGTH": _env_int("MAX_UPLOAD_MB", 64) * 1024 * 1024,
         "MAX_IMAGE_BYTES": _env_int("MAX_IMAGE_MB", 20) * 1024 * 1024,
         "MAX_IMAGE_PIXELS": _env_int("MAX_IMAGE_PIXELS", 40_000_000),
+        # Files in one upload request (413 above it) and image files one user may send in
+        # any 60 seconds (429 above it): each image costs the worker a decode and a model run.
+        "MAX_FILES_PER_UPLOAD": _env_int("MAX_FILES_PER_UPLOAD", 20),
+        "UPLOADS_PER_USER_PER_MINUTE": _env_int("UPLOADS_PER_USER_PER_MINUTE", 60),
+        # The worker decodes images at most this many pixels on the longer side (the model
+        # reads 128-224 px; the heatmap and overlay are drawn at this size for the viewer).
+        "WORKER_IMAGE_MAX_SIDE": _env_int("WORKER_IMAGE_MAX_SIDE", 2048),
+        # A pool process whose resident memory passes this after a job is replaced by a
+        # fresh one (MB; 0: never). A process with the model loaded is about 0.9 GB.
+        "WORKER_MAX_MEMORY_MB": _env_int("WORKER_MAX_MEMORY_MB", 1500),
+        # Seconds a client is told to wait (Retry-After) when storage or the database
+        # cannot take an upload just now (disk full, read-only, database locked): a 503.
+        "RETRY_AFTER_S": _env_int("RETRY_AFTER_S", 30),
         "CASES_PER_PAGE": _env_int("CASES_PER_PAGE", 25),
         # Explanation warnings shown on the case page. Levels from their measured spread on
         # 939 images of two sites the demo model never saw (benchmarks/localisation.py

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from flask import Flask, render_template, request
 from flask_wtf.csrf import CSRFError
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webapp.extensions import db
+from webapp.intake import UploadRefused
 
 
 def _wants_json() -> bool:
@@ -28,6 +30,25 @@ def register(app: Flask) -> None:
         return _render(413, "Upload too large",
                        f"The upload is larger than the {limit_mb} MB limit for one submission, "
                        "so nothing was stored. Send fewer or smaller files at a time.")
+
+    @app.errorhandler(UploadRefused)
+    def upload_refused(exc: UploadRefused):
+        db.session.rollback()
+        response, status = _render(exc.status, exc.title, exc.message)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+        return response, status, headers
+
+    @app.errorhandler(OperationalError)
+    def database_unavailable(_exc):
+        # A lock held too long or a database that is down: nothing of this request was
+        # committed, and trying again later is the right thing for the client to do.
+        app.logger.exception("database unavailable")
+        db.session.rollback()
+        retry = app.config["RETRY_AFTER_S"]
+        response, status = _render(503, "Service temporarily unavailable",
+                                   "The database is busy or unavailable, so nothing was saved. "
+                                   f"Try again in {retry} seconds.")
+        return response, status, {"Retry-After": str(retry)}
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc):

@@ -8,10 +8,13 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import PurePath
 
 from flask import current_app
 from PIL import Image, UnidentifiedImageError
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from webapp.background import is_stuck, send_case
 from webapp.extensions import db
@@ -21,6 +24,15 @@ from webapp.text import clean_filename
 log = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = {"PNG": ".png", "JPEG": ".jpg"}
+
+
+class UploadRefused(Exception):
+    """The whole request is refused or cut short; ``status`` is the HTTP answer (413, 429,
+    503), ``message`` says what happened to each file, ``retry_after`` in seconds or None."""
+
+    def __init__(self, status: int, title: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.title, self.message, self.retry_after = status, title, message, retry_after
 
 
 class ImageRejected(ValueError):
@@ -99,27 +111,83 @@ def receive_uploads(files: list[tuple[str, bytes]], note: str | None, uploader: 
     store = current_app.extensions["file_store"]
     outcome = UploadOutcome()
     note = (note or "").strip()[:2000] or None
-    for filename, data in files:
+    _check_rate(files, uploader)
+    for index, (filename, data) in enumerate(files):
         name = display_name(filename)
         try:
             info = inspect_image(data, cfg["MAX_IMAGE_BYTES"], cfg["MAX_IMAGE_PIXELS"])
         except ImageRejected as exc:
             outcome.rejected.append((name, str(exc)))
             continue
-        key, digest = store.put(data, "images", ACCEPTED_FORMATS[info.format])
-        # Marked as dispatched before the job is sent, so that the sweep leaves it alone;
-        # `send_case` puts it back in the outbox if the broker refuses.
-        case = Case(uploader_id=uploader.id, status="queued", image_sha256=digest, image_key=key,
-                    image_format=info.format, original_filename=name, width=info.width,
-                    height=info.height, note=note, dispatched_at=utcnow())
-        db.session.add(case)
-        db.session.flush()
-        audit("case.upload", actor=uploader, target=case, sha256=digest)
-        db.session.commit()
+        key = None
+        try:
+            key, digest, created = store.put_new(data, "images", ACCEPTED_FORMATS[info.format])
+            # Marked as dispatched before the job is sent, so that the sweep leaves it alone;
+            # `send_case` puts it back in the outbox if the broker refuses.
+            case = Case(uploader_id=uploader.id, status="queued", image_sha256=digest, image_key=key,
+                        image_format=info.format, original_filename=name, width=info.width,
+                        height=info.height, note=note, dispatched_at=utcnow())
+            db.session.add(case)
+            db.session.flush()
+            audit("case.upload", actor=uploader, target=case, sha256=digest)
+            db.session.commit()
+        except (OSError, OperationalError) as exc:
+            db.session.rollback()
+            if key is not None and created:
+                _remove_unreferenced(store, key)
+            log.warning("upload of %s stopped: %s", name, exc)
+            raise _unavailable(outcome, [display_name(f) for f, _ in files[index:]],
+                               "storage" if isinstance(exc, OSError) else "database") from exc
         outcome.accepted.append(case)
         if not send_case(current_app._get_current_object(), case.id):
             outcome.not_queued.append(case)
     return outcome
+
+
+def _check_rate(files: list[tuple[str, bytes]], uploader: User) -> None:
+    """Refuse the request (413 or 429) before anything is stored when it has too many
+    files, or when the user has sent too many images in the last minute."""
+    cfg = current_app.config
+    cap = cfg["MAX_FILES_PER_UPLOAD"]
+    if cap and len(files) > cap:
+        raise UploadRefused(413, "Too many files",
+                            f"{len(files)} files were sent at once; the limit is {cap} per upload, "
+                            "so nothing was stored. Send them in smaller groups.")
+    per_minute = cfg["UPLOADS_PER_USER_PER_MINUTE"]
+    if per_minute:
+        recent = db.session.scalar(select(func.count(Case.id)).where(
+            Case.uploader_id == uploader.id, Case.created_at >= utcnow() - timedelta(seconds=60)))
+        if recent + len(files) > per_minute:
+            raise UploadRefused(429, "Too many uploads",
+                                f"You have sent {recent} image(s) in the last minute and the limit is "
+                                f"{per_minute} per minute, so none of these {len(files)} file(s) was "
+                                "stored. Wait a minute and send them again.", retry_after=60)
+
+
+def _remove_unreferenced(store, key: str) -> None:
+    """Delete a file this request wrote when no case row refers to it (no orphan files);
+    best effort, as the database may be what failed."""
+    try:
+        if db.session.scalar(select(func.count(Case.id)).where(Case.image_key == key)) == 0:
+            store.path(key).unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - the original failure is the one to report
+        db.session.rollback()
+        log.warning("could not check or remove %s after a failed upload", key)
+
+
+def _unavailable(outcome: UploadOutcome, not_saved: list[str], what: str) -> UploadRefused:
+    """The 503 for a request cut short, saying exactly which files became cases."""
+    cause = ("the image storage is full or not writable" if what == "storage"
+             else "the database is busy or unavailable")
+    parts = [f"The upload could not be completed: {cause}."]
+    if outcome.accepted:
+        parts.append("Saved: " + ", ".join(f"{c.original_filename} (case {c.id})" for c in outcome.accepted) + ".")
+    parts.append("Not saved: " + ", ".join(not_saved) + ".")
+    if outcome.rejected:
+        parts.append("Not accepted: " + ", ".join(f"{n} ({r})" for n, r in outcome.rejected) + ".")
+    retry = current_app.config["RETRY_AFTER_S"]
+    parts.append(f"Send the files that were not saved again in {retry} seconds or later.")
+    return UploadRefused(503, "Service temporarily unavailable", " ".join(parts), retry_after=retry)
 
 
 class RerunRefused(ValueError):

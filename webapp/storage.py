@@ -42,6 +42,11 @@ class FileStore:
 
     def put(self, data: bytes, kind: str, suffix: str) -> tuple[str, str]:
         """Store ``data`` (idempotent) and return ``(key, sha256 hex digest)``."""
+        key, digest, _created = self.put_new(data, kind, suffix)
+        return key, digest
+
+    def put_new(self, data: bytes, kind: str, suffix: str) -> tuple[str, str, bool]:
+        """As :meth:`put`, and whether this call wrote the file (False: it was there)."""
         digest = hashlib.sha256(data).hexdigest()
         key = f"{kind}/{digest[:2]}/{digest}{suffix.lower()}"
         path = self.path(key)
@@ -61,7 +66,8 @@ class FileStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        return key, digest
+            return key, digest, True
+        return key, digest, False
 
     def path(self, key: str) -> Path:
         """The local path of ``key``; raises ValueError for anything not shaped like a key."""

@@ -106,6 +106,43 @@ def mark_retrying(case_id: int, message: str) -> None:
         log.warning("could not mark case %s as waiting for a retry", case_id)
 
 
+def open_bounded(path, max_side: int) -> Image.Image:
+    """Decode the stored image with its longer side at most ``max_side`` pixels.
+
+    The model reads a few hundred pixels and the viewer scales the heatmap onto the
+    image, so full resolution only costs memory: a 6300 x 6300 image drawn at full size
+    (RGB, heatmap, overlay) takes gigabytes. JPEG decodes at 1/2, 1/4 or 1/8 scale
+    directly (draft); PNG cannot, so it is decoded and reduced at once, before anything
+    else is made from it.
+    """
+    img = Image.open(path)
+    try:
+        if max_side and max(img.size) > max_side:
+            if img.format == "JPEG":
+                scale = max_side / max(img.size)
+                img.draft(img.mode, (max(1, int(img.width * scale)), max(1, int(img.height * scale))))
+            img.load()
+            if img.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):  # modes reduce() cannot take
+                from ml.data import to_rgb
+
+                converted = to_rgb(img)
+                img.close()
+                img = converted
+            factor = max(img.size) // max_side
+            if factor > 1:  # integer box reduction: fast and needs no full-size copy
+                reduced = img.reduce(factor)
+                img.close()
+                img = reduced
+            if max(img.size) > max_side:
+                img.thumbnail((max_side, max_side), Image.BILINEAR)
+        else:
+            img.load()
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     # Fast compression: these PNGs are written once per case, on the job's critical path.
@@ -157,8 +194,7 @@ def predict_case(case_id: int) -> str:
                              "An admin must register a working model; then re-run this case.")
         return "failed"
     try:
-        with Image.open(store.path(case.image_key)) as img:
-            img.load()
+        with open_bounded(store.path(case.image_key), cfg["WORKER_IMAGE_MAX_SIDE"]) as img:
             from ml.explain import explain_images
 
             result = explain_images(predictor, [img], method=cfg["EXPLAIN_METHOD"],
