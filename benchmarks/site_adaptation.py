@@ -36,7 +36,7 @@ from ml.inference import Predictor  # noqa: E402
 from ml.metrics import summarise  # noqa: E402
 from ml.train import TrainConfig, fit  # noqa: E402
 
-from benchmarks.train_sites import DATA, link_folder, site_files  # noqa: E402
+from benchmarks.train_sites import link_folder, site_files  # noqa: E402
 
 
 def split_by_patient(site: str, seed: int) -> tuple[list, list]:

@@ -212,3 +212,29 @@ def run_cli(app, monkeypatch):
         return CliRunner().invoke(manage.cli, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+def case_state(app, case_id: int):
+    """(status, attempts, number of predictions, error) of a case, read from the database."""
+    from sqlalchemy import select
+
+    from webapp.extensions import db
+    from webapp.models import Case, Prediction
+
+    with app.app_context():
+        case = db.session.get(Case, case_id)
+        n_predictions = len(db.session.scalars(select(Prediction).where(Prediction.case_id == case_id)).all())
+        return case.status, case.attempts, n_predictions, case.error
+
+
+def wait_for_state(app, case_id: int, wanted, timeout: float, poll: float = 0.05):
+    """Poll ``case_state`` until the status is one of ``wanted`` or ``timeout`` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = case_state(app, case_id)
+        if state[0] in wanted:
+            return state
+        time.sleep(poll)
+    return case_state(app, case_id)

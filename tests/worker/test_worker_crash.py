@@ -7,12 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from sqlalchemy import select
 
-from tests.appfixtures import add_user, image_bytes, login, register_model
+from tests.appfixtures import add_user, case_state, image_bytes, login, register_model, wait_for_state
 from webapp.config import PROJECT_ROOT
 
 
@@ -45,26 +43,6 @@ def _start_worker(app, log_path):
                             start_new_session=True)
 
 
-def _case(app, case_id):
-    from webapp.extensions import db
-    from webapp.models import Case, Prediction
-
-    with app.app_context():
-        case = db.session.get(Case, case_id)
-        n_predictions = len(db.session.scalars(select(Prediction).where(Prediction.case_id == case_id)).all())
-        return case.status, case.attempts, n_predictions, case.error
-
-
-def _wait(app, case_id, wanted, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = _case(app, case_id)
-        if state[0] in wanted:
-            return state
-        time.sleep(0.1)
-    return _case(app, case_id)
-
-
 @pytest.mark.slow
 def test_a_job_whose_worker_is_killed_comes_back_and_finishes(make_app, slow_checkpoint, tmp_path):
     # A short visibility timeout so that the lost job comes back within the test.
@@ -79,14 +57,14 @@ def test_a_job_whose_worker_is_killed_comes_back_and_finishes(make_app, slow_che
     try:
         response = client.post("/cases/upload", data={"images": [(io.BytesIO(image_bytes(size=(160, 120))), "a.png")]})
         assert response.status_code == 303
-        state = _wait(app, 1, {"running", "done", "failed"}, timeout=60)
+        state = wait_for_state(app, 1, {"running", "done", "failed"}, timeout=60)
         assert state[0] == "running", (state, (tmp_path / "worker1.log").read_text())
         os.killpg(first.pid, signal.SIGKILL)  # the whole worker: main process and its child
         first.wait(timeout=10)
-        assert _case(app, 1)[0] == "running"  # nothing finished it
+        assert case_state(app, 1)[0] == "running"  # nothing finished it
 
         second = _start_worker(app, tmp_path / "worker2.log")
-        status, attempts, n_predictions, error = _wait(app, 1, {"done", "failed"}, timeout=90)
+        status, attempts, n_predictions, error = wait_for_state(app, 1, {"done", "failed"}, timeout=90)
         assert (status, error) == ("done", None), (tmp_path / "worker2.log").read_text()
         assert attempts == 2 and n_predictions == 1
     finally:

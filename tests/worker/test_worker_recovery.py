@@ -7,13 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
-from sqlalchemy import select
 
-from tests.appfixtures import add_user, image_bytes, login
+from tests.appfixtures import add_user, image_bytes, login, wait_for_state
 from webapp.config import PROJECT_ROOT
 
 # Celery kills a pool process that has not said "up" within this many seconds. The test
@@ -63,26 +61,6 @@ def start_worker(app, log_path, **settings):
                             start_new_session=True)
 
 
-def _case(app, case_id):
-    from webapp.extensions import db
-    from webapp.models import Case, Prediction
-
-    with app.app_context():
-        case = db.session.get(Case, case_id)
-        n_predictions = len(db.session.scalars(select(Prediction).where(Prediction.case_id == case_id)).all())
-        return case.status, case.attempts, n_predictions, case.error
-
-
-def _wait(app, case_id, wanted, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = _case(app, case_id)
-        if state[0] in wanted:
-            return state
-        time.sleep(0.05)
-    return _case(app, case_id)
-
-
 @pytest.mark.slow
 def test_a_killed_pool_process_is_replaced_and_finishes_the_job_despite_a_slow_model(
         make_app, slow_loading_checkpoint, tmp_path):
@@ -97,12 +75,12 @@ def test_a_killed_pool_process_is_replaced_and_finishes_the_job_despite_a_slow_m
         response = client.post("/cases/upload", data={"images": [(io.BytesIO(image_bytes()), "a.png")]})
         assert response.status_code == 303
         # The job starts while the pool process is still loading the model.
-        state = _wait(app, 1, {"running", "done", "failed"}, timeout=60)
+        state = wait_for_state(app, 1, {"running", "done", "failed"}, timeout=60)
         assert state[0] == "running", (state, log_path.read_text())
         (child,) = psutil.Process(worker.pid).children()
         child.send_signal(signal.SIGKILL)  # the pool process, mid-job; its parent lives on
 
-        status, attempts, n_predictions, error = _wait(app, 1, {"done", "failed"}, timeout=60)
+        status, attempts, n_predictions, error = wait_for_state(app, 1, {"done", "failed"}, timeout=60)
         log = log_path.read_text()
         assert (status, error) == ("done", None), log
         assert attempts == 2 and n_predictions == 1  # the job came back once, no double result
