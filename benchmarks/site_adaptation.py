@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--counts", default="0,25,50,100,all")
     ap.add_argument("--finetune-minutes", type=float, default=3.0, help="0: recalibration only")
     ap.add_argument("--target-sensitivity", type=float, default=0.90)
+    ap.add_argument("--feedback-copies", type=int, default=1, help="each reviewed image this many times in the fine-tune")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     base_sites = [s for s in ("busi", "breast-lesions-usg", "bus-uclm") if s != args.site]
@@ -81,6 +82,7 @@ def main() -> None:
         test_dir = link_folder(work / "test", test)
         base_dir = link_folder(work / "base", [f for s in base_sites for f in site_files(s)])
         base_eval = judge(Path(args.base), test_dir)
+        print(f"fine-tune: {args.finetune_minutes} min, each reviewed image {args.feedback_copies}x")
         print(f"{'reviewed':>8} {'path':12} {'ROC-AUC':>8} {'sens':>6} {'spec':>6} {'threshold':>9}")
         print(f"{0:8d} {'base model':12} {base_eval['roc_auc']:8.3f} {base_eval['sensitivity']:6.3f} "
               f"{base_eval['specificity']:6.3f} {base_eval['threshold']:9.3f}")
@@ -103,7 +105,8 @@ def main() -> None:
             items = [FeedbackImage(i + 1, p, c, hashlib.sha256(p.read_bytes()).hexdigest(), "reviewer")
                      for i, (_, p, c) in enumerate(reviewed)]
             write_feedback_folder(items, work / f"feedback-{n}")
-            merge_training_data(base_dir, work / f"feedback-{n}", test_dir, work / f"train-{n}")
+            merge_training_data(base_dir, work / f"feedback-{n}", test_dir, work / f"train-{n}",
+                                feedback_copies=args.feedback_copies)
             tuned = work / f"tuned-{n}.pt"
             size = Predictor.from_checkpoint(args.base, "cpu").input_size
             fit(TrainConfig(data=str(work / f"train-{n}"), out=str(tuned), epochs=10_000, weights=str(args.base),

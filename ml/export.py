@@ -199,9 +199,15 @@ def locked_test_digests(locked_test: str | Path) -> set[str]:
 
 
 def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, locked_test: str | Path,
-                        out_dir: str | Path, positive_classes: Sequence[str] = ("cancer", "malignant")) -> MergeSummary:
+                        out_dir: str | Path, positive_classes: Sequence[str] = ("cancer", "malignant"),
+                        feedback_copies: int = 1) -> MergeSummary:
     """Build a malignant/benign/normal ImageFolder for training from base data plus a feedback
     export (a base folder with only cancer/normal gives malignant/normal: a binary run).
+
+    ``feedback_copies`` > 1 writes each reviewed image that many times (``DIGEST.cK.png``),
+    so a few hundred site cases weigh more against a large base set in a fine-tune; the
+    copies are identical images, so the near-duplicate grouping of ``ml.train`` keeps them
+    on one side of the validation split.
 
     Images are identified by sha256: a feedback image that is also in the base data
     appears once, with the feedback label (the reviewers' word wins); an image whose
@@ -214,7 +220,10 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
+    if feedback_copies < 1:
+        raise ExportError("feedback_copies must be at least 1")
     chosen: dict[str, tuple[Path, str]] = {}   # content sha256 -> (file, label)
+    from_feedback: set[str] = set()
     summary = MergeSummary()
     for path, class_name in _folder_images(Path(base_data)):
         digest = _sha256_file(path)
@@ -243,6 +252,7 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
                 summary.n_base -= 1
                 del chosen[digest]
             chosen[row["sha256"]] = (path, row["label"])
+            from_feedback.add(row["sha256"])
             summary.n_feedback += 1
     if not chosen:
         raise ExportError("no training images left after merging")
@@ -253,5 +263,8 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
         shutil.copyfile(path, target)
         summary.per_label[label] = summary.per_label.get(label, 0) + 1
         lines.append(f"{digest}\t{label}")
+        for k in range(2, feedback_copies + 1 if digest in from_feedback else 0):
+            shutil.copyfile(path, target.with_name(f"{digest}.c{k}{path.suffix.lower()}"))
+            lines.append(f"{digest}.c{k}\t{label}")
     summary.fingerprint = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     return summary

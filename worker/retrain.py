@@ -123,7 +123,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
             init: str = "active", promote: str = "auto", img_size: int | None = None, batch_size: int = 32,
             seed: int = 0, min_reviews: int = 1, consensus_rule: str = "majority",
             target_sensitivity: float | None = None, n_boot: int = 1000, name: str | None = None,
-            actor: User | None = None) -> RetrainOutcome:
+            actor: User | None = None, feedback_weight: int = 1) -> RetrainOutcome:
     """Run the whole loop once and return what happened (see the module docstring).
 
     The new version is registered whatever the decision (with its parent, data
@@ -152,7 +152,8 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
     check_locked_test(locked_test, active.meta if active is not None else None, {"positive_classes": ["malignant"]})
 
     feedback = export_feedback(work / "feedback", min_reviews=min_reviews, rule=consensus_rule)
-    merge = merge_training_data(base_data, work / "feedback", locked_test, work / "train")
+    merge = merge_training_data(base_data, work / "feedback", locked_test, work / "train",
+                                feedback_copies=feedback_weight)
     size = img_size or (active.input_size if active is not None and active.input_size else 224)
     checkpoint = work / "candidate.pt"
     checkpoint.unlink(missing_ok=True)
@@ -177,7 +178,8 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
                           "duplicates_removed": merge.duplicates_removed,
                           "relabelled_by_feedback": merge.relabelled_by_feedback,
                           "left_out_locked_test": merge.left_out_locked_test, "per_label": merge.per_label,
-                          "feedback_left_out": dict(feedback.left_out), "init": init, "epochs": epochs},
+                          "feedback_left_out": dict(feedback.left_out), "init": init, "epochs": epochs,
+                          "feedback_weight": feedback_weight},
         "roc_key": roc_key,
         "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
                       "target_sensitivity": target},

@@ -67,8 +67,10 @@ def export_feedback_command(out_dir: str, since: str | None, min_reviews: int, r
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1), help="gate for --promote auto (default RETRAIN_TARGET_SENSITIVITY, 0.90)")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="keep the export, merged data and report here (default: a temporary folder)")
 @click.option("--name", help="name of the new version (default v1, v2, ...)")
+@click.option("--feedback-weight", default=1, show_default=True, type=click.IntRange(1, 50),
+              help="each reviewed image counts this many times in training (a site's few cases against a large base set)")
 def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size, min_reviews, rule,
-            target_sensitivity, work_dir, name) -> None:
+            target_sensitivity, work_dir, name, feedback_weight) -> None:
     """Export feedback, merge with base data, train, compare on the locked test set, register, gate."""
     from ml import MLError
     from worker.retrain import RetrainError, comparison_table
@@ -79,7 +81,8 @@ def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size,
             outcome = run_retrain(base_data, locked_test, work_dir or scratch, epochs=epochs, init=init,
                                   promote=promote, img_size=img_size, batch_size=batch_size,
                                   min_reviews=min_reviews, consensus_rule=rule,
-                                  target_sensitivity=target_sensitivity, name=name)
+                                  target_sensitivity=target_sensitivity, name=name,
+                                  feedback_weight=feedback_weight)
         except (RetrainError, MLError) as exc:
             raise click.ClickException(f"retraining stopped: {exc}") from None
         m = outcome.merge

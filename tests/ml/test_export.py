@@ -132,3 +132,21 @@ def test_export_module_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[2])
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_feedback_copies_weigh_reviewed_images_and_leave_base_images_single(tmp_path):
+    base, locked, feedback = tmp_path / "base", tmp_path / "locked", tmp_path / "feedback"
+    for folder, name, value in [(base, "malignant/a.png", 10), (base, "normal/b.png", 20), (locked, "normal/z.png", 90)]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(_png(value))
+    write_feedback_folder([FeedbackImage(1, _png(60), "benign", _sha(_png(60)))], feedback)
+    once = merge_training_data(base, feedback, locked, tmp_path / "once")
+    thrice = merge_training_data(base, feedback, locked, tmp_path / "thrice", feedback_copies=3)
+    names = sorted(p.relative_to(tmp_path / "thrice").as_posix() for p in (tmp_path / "thrice").rglob("*.png"))
+    digest = _sha(_png(60))
+    assert names == sorted([f"benign/{digest}.png", f"benign/{digest}.c2.png", f"benign/{digest}.c3.png",
+                            f"malignant/{_sha(_png(10))}.png", f"normal/{_sha(_png(20))}.png"])
+    assert thrice.per_label == once.per_label == {"benign": 1, "malignant": 1, "normal": 1}
+    assert thrice.fingerprint != once.fingerprint
+    with pytest.raises(ExportError, match="at least 1"):
+        merge_training_data(base, feedback, locked, tmp_path / "none", feedback_copies=0)

@@ -136,7 +136,7 @@ def test_cases_reviews_export_retrain_gate_and_worker(app, client, tmp_path, con
     # Retrain: starts from the active (constant) model, beats its ROC-AUC of 0.5 -> promoted.
     work = tmp_path / "work"
     result = run_cli("retrain", "--base-data", base, "--locked-test", locked, "--epochs", 4, "--batch-size", 8,
-                     "--target-sensitivity", 0.5, "--work-dir", work)
+                     "--target-sensitivity", 0.5, "--work-dir", work, "--feedback-weight", 2)
     assert result.exit_code == 0, result.output
     assert "registered v2 (parent constant" in result.output
     assert "decision: PROMOTED" in result.output, result.output
@@ -146,10 +146,13 @@ def test_cases_reviews_export_retrain_gate_and_worker(app, client, tmp_path, con
         assert new.is_active and new.parent_id == constant_id and len(new.data_fingerprint) == 64
         assert new.meta["compared_with"]["locked_test"]["roc_auc"] == pytest.approx(0.5)
         assert new.meta["locked_test"]["roc_auc"] >= 0.5 and new.meta["locked_test"]["n"] == 16
+        assert new.meta["training_data"]["feedback_weight"] == 2
         assert app.extensions["file_store"].exists(new.meta["roc_key"])
         actions = [e.action for e in db.session.scalars(select(AuditEvent))]
         assert "model.promote" in actions
         new_id = new.id
+    # each of the 4 reviewed images twice, the 32 base images once
+    assert len(list((work / "train").rglob("*.png"))) == 32 + 2 * 4
 
     # A worse model (labels inverted in the base data, no head start) is refused.
     flipped = tmp_path / "flipped"
