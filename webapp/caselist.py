@@ -69,6 +69,7 @@ def list_cases(viewer: User, *, status: str | None = None, label: str | None = N
     column, descending, _ = SORTS[sort]
 
     query = select(Case).options(joinedload(Case.uploader))
+    query = query.where(Case.withdrawn_at.is_(None))
     if not viewer.sees_all_cases:
         query = query.where(Case.uploader_id == viewer.id)
     if status:

@@ -4,6 +4,7 @@ Callable without HTTP: `receive_uploads` is what the upload route runs.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import warnings
@@ -51,6 +52,7 @@ class UploadOutcome:
     accepted: list[Case] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (filename, reason)
     not_queued: list[Case] = field(default_factory=list)  # stored and queued, but the broker refused (outbox)
+    duplicates: list[tuple[str, Case]] = field(default_factory=list)  # (filename, the case it already is)
 
 
 def _mb(n: int) -> str:
@@ -99,8 +101,22 @@ def display_name(filename: str | None) -> str:
     return (name or "unnamed")[:255]
 
 
-def receive_uploads(files: list[tuple[str, bytes]], note: str | None, uploader: User) -> UploadOutcome:
+def existing_case(digest: str, uploader: User) -> Case | None:
+    """The oldest case, not withdrawn, holding the same image (sha256) that ``uploader``
+    may open; a case they may not see is not revealed, so theirs becomes a new case."""
+    query = select(Case).where(Case.image_sha256 == digest, Case.withdrawn_at.is_(None))
+    if not uploader.sees_all_cases:
+        query = query.where(Case.uploader_id == uploader.id)
+    return db.session.scalar(query.order_by(Case.id).limit(1))
+
+
+def receive_uploads(files: list[tuple[str, bytes]], note: str | None, uploader: User, *,
+                    allow_duplicate: bool = True) -> UploadOutcome:
     """Open one queued case per acceptable file and send its prediction job.
+
+    With ``allow_duplicate=False`` a file whose image is already a case the uploader may
+    see opens nothing: it is listed in ``duplicates`` with that case instead (the pages do
+    this unless the uploader asks to upload again; the API keeps the default).
 
     Each case is committed on its own (with its audit event) before its job is sent, so
     a bad file, or a broker that is down, never undoes the other files. A case whose job
@@ -121,6 +137,11 @@ def receive_uploads(files: list[tuple[str, bytes]], note: str | None, uploader: 
             continue
         key = None
         try:
+            if not allow_duplicate:
+                same = existing_case(hashlib.sha256(data).hexdigest(), uploader)
+                if same is not None:
+                    outcome.duplicates.append((name, same))
+                    continue
             key, digest, created = store.put_new(data, "images", ACCEPTED_FORMATS[info.format])
             # Marked as dispatched before the job is sent, so that the sweep leaves it alone;
             # `send_case` puts it back in the outbox if the broker refuses.
@@ -183,6 +204,9 @@ def _unavailable(outcome: UploadOutcome, not_saved: list[str], what: str) -> Upl
     if outcome.accepted:
         parts.append("Saved: " + ", ".join(f"{c.original_filename} (case {c.id})" for c in outcome.accepted) + ".")
     parts.append("Not saved: " + ", ".join(not_saved) + ".")
+    if outcome.duplicates:
+        parts.append("Already a case, so not stored again: "
+                     + ", ".join(f"{n} (case {c.id})" for n, c in outcome.duplicates) + ".")
     if outcome.rejected:
         parts.append("Not accepted: " + ", ".join(f"{n} ({r})" for n, r in outcome.rejected) + ".")
     retry = current_app.config["RETRY_AFTER_S"]

@@ -137,8 +137,13 @@ class Case(db.Model):
     probability: Mapped[float | None] = mapped_column(Float)
     # Maintained by the review feature; kept here so "unreviewed" is an indexed filter.
     review_count: Mapped[int] = mapped_column(Integer, default=0)
+    # A mistaken upload taken back by its uploader or an admin: the row stays (reviews,
+    # audit trail), but lists, the review queue and the feedback export leave it out.
+    withdrawn_at: Mapped[datetime | None] = mapped_column(DateTime)
+    withdrawn_by_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"))
 
-    uploader: Mapped[User] = relationship()
+    uploader: Mapped[User] = relationship(foreign_keys=[uploader_id])
+    withdrawn_by: Mapped[User | None] = relationship(foreign_keys=[withdrawn_by_id])
     predictions: Mapped[list[Prediction]] = relationship(
         back_populates="case", order_by="Prediction.updated_at.desc()", cascade="all, delete-orphan")
 

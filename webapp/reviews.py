@@ -97,27 +97,34 @@ class ReviewPanel:
     hide_model_output: bool = False
     review: Review | None = None
     token: str | None = None
-    reviews: list[Review] = field(default_factory=list)  # everyone's, for reviewers and admins
+    reviews: list[Review] = field(default_factory=list)  # everyone's, once they may be shown
+    others_hidden: bool = False  # independent read: others' reviews wait for this reader's own
 
 
 def review_panel(case: Case, user: User) -> ReviewPanel:
     """The review state of ``case`` for ``user`` (a clinician gets may_review=False)."""
     if not user.has_role(*REVIEWER_ROLES):
         return ReviewPanel(may_review=False)
-    ready = case.status == "done" and case.latest_prediction is not None
+    ready = case.status == "done" and case.latest_prediction is not None and case.withdrawn_at is None
     review = current_review(case.id, user.id)
     reviews = db.session.scalars(select(Review).options(joinedload(Review.reviewer)).where(
         Review.case_id == case.id, Review.verdict.is_not(None)).order_by(Review.submitted_at)).all()
     hide = ready and needs_blind_read(case, user)
+    # Independent reads: a reviewer sees the others' verdicts only after saving their own,
+    # so that nobody is anchored by an earlier reading; admins oversee and see them all.
+    own_saved = review is not None and review.verdict is not None
+    show_others = not hide and (user.role == "admin" or own_saved)
     return ReviewPanel(may_review=ready, hide_model_output=hide, review=review,
                        token=reading_token(case.id, user.id) if ready else None,
-                       # A blinded reviewer sees nobody else's reading before giving their own.
-                       reviews=[] if hide else list(reviews))
+                       reviews=list(reviews) if show_others else [],
+                       others_hidden=not show_others and any(r.reviewer_id != user.id for r in reviews))
 
 
 def _check(reviewer: User, case: Case) -> Prediction:
     if not reviewer.has_role(*REVIEWER_ROLES):
         raise ReviewForbidden("only reviewers and admins may review cases")
+    if case.withdrawn_at is not None:
+        raise ReviewRejected("this case was withdrawn by its uploader or an admin")
     prediction = case.latest_prediction
     if case.status != "done" or prediction is None:
         raise ReviewRejected("this case has no finished prediction to review yet")
@@ -284,7 +291,7 @@ def review_queue(reviewer: User, sort: str = "uncertain", page: int = 1, per_pag
              .join(Prediction, and_(Prediction.case_id == Case.id, Prediction.updated_at == latest.c.at))
              .outerjoin(Review, and_(Review.case_id == Case.id, Review.reviewer_id == reviewer.id))
              .options(joinedload(Prediction.model_version))
-             .where(Case.status == "done", Case.id.not_in(mine)))
+             .where(Case.status == "done", Case.withdrawn_at.is_(None), Case.id.not_in(mine)))
     if sort == "uncertain":
         query = query.order_by(func.abs(Prediction.probability - Prediction.threshold), Case.id)
     elif sort == "oldest":

@@ -58,7 +58,9 @@ def select_feedback(since: datetime | None = None, min_reviews: int = 1, rule: s
     if min_reviews < 1:
         raise ValueError("--min-reviews must be at least 1")
     query = (select(Review).options(joinedload(Review.model_version))
-             .where(Review.verdict.is_not(None)).order_by(Review.case_id, Review.submitted_at, Review.id))
+             .join(Case, Case.id == Review.case_id)
+             .where(Review.verdict.is_not(None), Case.withdrawn_at.is_(None))  # withdrawn cases stay out
+             .order_by(Review.case_id, Review.submitted_at, Review.id))
     by_case: dict[int, list[Review]] = defaultdict(list)
     for review in db.session.scalars(query):
         by_case[review.case_id].append(review)

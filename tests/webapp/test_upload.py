@@ -19,10 +19,12 @@ def _cases(app):
         return db.session.scalars(select(Case).order_by(Case.id)).all()
 
 
-def _upload(client, *files, note=None, **kwargs):
+def _upload(client, *files, note=None, allow_duplicate=None, **kwargs):
     data = {"images": [(io.BytesIO(content), name) for name, content in files]}
     if note is not None:
         data["note"] = note
+    if allow_duplicate is not None:
+        data["allow_duplicate"] = allow_duplicate
     return client.post("/cases/upload", data=data, **kwargs)
 
 
@@ -140,7 +142,8 @@ def test_same_image_twice_is_stored_once(app, client):
     login(client, "doc@example.org")
     content = image_bytes(seed=7)
     _upload(client, ("a.png", content))
-    _upload(client, ("again.png", content))
+    # "Upload again" ticked: a second case (a plain repeat links to the first one instead).
+    _upload(client, ("again.png", content), allow_duplicate="y")
     cases = _cases(app)
     assert len(cases) == 2 and cases[0].image_key == cases[1].image_key
     files = list((app.extensions["file_store"].root / "images").rglob("*.png"))

@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, send_file, url_for
+from markupsafe import Markup, escape
 from flask_login import current_user
 
 from webapp.auth.roles import ANY_ROLE, role_required
 from webapp.background import is_stuck
 from webapp.caselist import SORTS, BadQuery, list_cases
-from webapp.cases.forms import RerunForm, UploadForm
+from webapp.cases.forms import RerunForm, UploadForm, WithdrawForm
 from webapp.extensions import db
 from webapp.intake import RerunRefused, receive_uploads, rerun_case
-from webapp.models import CASE_STATUSES, LABELS, Case
+from webapp.models import CASE_STATUSES, LABELS, Case, audit, utcnow
 from webapp.review.forms import BlindReadForm, ReviewForm
 from webapp.reviews import (REVIEWER_ROLES, ReviewRejected, blinded_case_ids, blinded_for, needs_blind_read,
                             reading_seconds, review_panel)
@@ -29,6 +30,10 @@ def _visible_case(case_id: int) -> Case:
 
 def _may_rerun(case: Case) -> bool:
     return current_user.role == "admin" or case.uploader_id == current_user.id
+
+
+def _may_withdraw(case: Case) -> bool:
+    return case.withdrawn_at is None and _may_rerun(case)
 
 
 @bp.get("/cases")
@@ -67,7 +72,11 @@ def upload():
     if not files:
         form.images.errors = ["Choose at least one PNG or JPEG file."]
         return render_template("cases/upload.html", form=form), 400
-    outcome = receive_uploads(files, form.note.data, current_user)
+    outcome = receive_uploads(files, form.note.data, current_user, allow_duplicate=form.allow_duplicate.data)
+    for name, same in outcome.duplicates:
+        link = Markup('<a href="{}">case {}</a>').format(url_for("cases.case_page", case_id=same.id), same.id)
+        flash(Markup("{} is the same image as {}, so it was not stored again. To make a second case of it, "
+                     "tick “Upload again” and send it once more.").format(escape(name), link), "info")
     for name, reason in outcome.rejected:
         flash(f"{name} was not accepted: {reason}.", "error")
     if outcome.not_queued:
@@ -75,6 +84,9 @@ def upload():
         flash(f"Stored and waiting: {names}. The prediction service is not reachable just now; "
               "these cases are sent to it automatically as soon as it is back.", "info")
     if not outcome.accepted:
+        if outcome.duplicates and not outcome.rejected:
+            # Every file was already a case: nothing is wrong, go to the (first) one.
+            return redirect(url_for("cases.case_page", case_id=outcome.duplicates[0][1].id), 303)
         return render_template("cases/upload.html", form=form), 400
     flash(f"{len(outcome.accepted)} image(s) received and queued for prediction.", "info")
     if len(outcome.accepted) == 1:
@@ -103,9 +115,10 @@ def render_case(case: Case, status: int = 200, submitted: dict | None = None):
     prediction = None if review.hide_model_output else case.latest_prediction
     return render_template("cases/detail.html", case=case, prediction=prediction, review=review,
                            review_form=ReviewForm(), blind_form=BlindReadForm(), submitted=submitted,
-                           may_rerun=_may_rerun(case), rerun_form=RerunForm(),
+                           may_rerun=_may_rerun(case) and case.withdrawn_at is None, rerun_form=RerunForm(),
+                           may_withdraw=_may_withdraw(case), withdraw_form=WithdrawForm(),
                            # queued/running with no sign of life: "Send again" is allowed
-                           may_resend=_may_rerun(case) and is_stuck(current_app._get_current_object(), case),
+                           may_resend=_may_withdraw(case) and is_stuck(current_app._get_current_object(), case),
                            border_warning=cfg["BORDER_SHARE_WARNING"],
                            faithfulness_warning=cfg["FAITHFULNESS_WARNING"],
                            poll_ms=cfg["STATUS_POLL_MS"]), status
@@ -136,6 +149,9 @@ def rerun(case_id: int):
         abort(403, description="Only the clinician who uploaded a case, or an admin, may re-run it.")
     if not RerunForm().validate_on_submit():
         abort(400, description="The re-run form was incomplete; reload the page and try again.")
+    if case.withdrawn_at is not None:
+        flash("Not re-run: this case was withdrawn.", "error")
+        return redirect(url_for("cases.case_page", case_id=case.id), 303)
     try:
         queued = rerun_case(case, current_user)
     except RerunRefused as exc:
@@ -144,6 +160,26 @@ def rerun(case_id: int):
     flash("Queued again." if queued else "Queued again; the prediction service is not reachable just now, "
           "so the case is sent to it automatically as soon as it is back.", "info")
     return redirect(url_for("cases.case_page", case_id=case.id), 303)
+
+
+@bp.post("/cases/<int:case_id>/withdraw")
+@role_required(*ANY_ROLE)
+def withdraw(case_id: int):
+    """Take back a mistaken upload: the row, its reviews and audit trail stay, but it
+    leaves the lists, the review queue and the feedback export."""
+    case = _visible_case(case_id)
+    if not _may_rerun(case):
+        abort(403, description="Only the clinician who uploaded a case, or an admin, may withdraw it.")
+    if not WithdrawForm().validate_on_submit():
+        abort(400, description="Tick the confirmation box to withdraw the case (or reload the page and try again).")
+    if case.withdrawn_at is None:
+        case.withdrawn_at = utcnow()
+        case.withdrawn_by_id = current_user.id
+        audit("case.withdraw", actor=current_user, target=case, sha256=case.image_sha256)
+        db.session.commit()
+    flash(f"Case {case.id} ({case.original_filename}) was withdrawn; it is kept in the records "
+          "but no longer listed, queued for review or exported.", "info")
+    return redirect(url_for("cases.case_list"), 303)
 
 
 _KINDS = {"image": "image_key", "heatmap": "heatmap_key", "overlay": "overlay_key"}
