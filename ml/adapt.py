@@ -15,7 +15,7 @@ from ml.calibration import calibrated, fit_platt
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.inference import Predictor
 from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
-from ml.model import malignancy_logit
+from ml.model import model_malignancy_logit
 
 # Fewer reviewed cases than this (or fewer malignant ones than MIN_MALIGNANT) cannot set a threshold.
 MIN_CASES = 20
@@ -27,7 +27,7 @@ def malignancy_logits(predictor: Predictor, images: Sequence[str | Path], batch_
     out = []
     for start in range(0, len(images), batch_size):
         output = predictor.outputs(predictor.to_batch(list(images[start:start + batch_size])))
-        out.append(malignancy_logit(output, getattr(predictor.model, "positive_outputs", None)).double())
+        out.append(model_malignancy_logit(predictor.model, output).double())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

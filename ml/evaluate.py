@@ -36,15 +36,13 @@ def predict_folder(predictor: Predictor, data: str | Path, batch_size: int = 64,
     """Calibrated probabilities, targets and classes for every readable image of ``data``.
 
     The folder's positive classes are the checkpoint's plus ``cancer`` and ``malignant``."""
-    from ml.model import malignancy_logit
     from ml.train import model_outputs
 
     index = scan_folder(data, positive_names(predictor.meta.get("positive_classes")))
     cache = cache_images(index, predictor.input_size, progress=progress)
     output = model_outputs(predictor.model, cache.images, batch_size, predictor.device,
                            predictor.meta["mean"], predictor.meta["std"])
-    probs = predictor.calibrate(malignancy_logit(output, getattr(predictor.model, "positive_outputs", None)))
-    probs = probs.numpy().astype(np.float64)
+    probs = predictor.calibrated(output).numpy().astype(np.float64)
     classes = predictor.classes_of(output)
     predicted = [cls if cls is not None else predictor.label_for(float(p)) for (cls, _), p in zip(classes, probs)]
     true_classes = [index.class_names[int(c)] for c in cache.classes]
@@ -89,8 +87,8 @@ def evaluate_folder(model_path: str | Path, data: str | Path, device: str | None
 
     Keys include roc_auc (malignant vs the rest), roc_auc_ci (95% bootstrap), accuracy,
     sensitivity, specificity, precision, f1, pr_auc, threshold, n, n_positive, brier, ece
-    (15 equal-width bins), classes (the model's), class_confusion (folder class x model
-    output), and the leakage guard: overlap_exact / overlap_near (images that are, or
+    (15 equal-width bins), classes (the model's), confusion (tn/fp/fn/tp at the threshold,
+    plus the folder class x model output matrix: true, predicted, matrix), and the leakage guard: overlap_exact / overlap_near (images that are, or
     nearly are, the checkpoint's own training or validation images) with ``unseen``, the
     metrics on the rest. Probabilities are calibrated. ``_scores`` holds the raw arrays."""
     predictor = Predictor.from_checkpoint(model_path, device)
@@ -101,9 +99,9 @@ def evaluate_folder(model_path: str | Path, data: str | Path, device: str | None
     result["at_0.5"] = summarise(y, probs, 0.5)
     result["brier"] = brier(y, probs)
     result["ece"] = expected_calibration_error(y, probs, 15)
-    model_classes = predictor.class_names or list(predictor.meta["labels"])
-    result["classes"] = list(predictor.meta["class_names"]) if predictor.class_names else list(predictor.meta["labels"])
-    result["confusion"] = dict(result["confusion"], **class_confusion(folder.true_classes, folder.predicted, model_classes))
+    result["classes"] = predictor.class_names or list(predictor.meta["labels"])
+    result["confusion"] = dict(result["confusion"],
+                               **class_confusion(folder.true_classes, folder.predicted, result["classes"]))
     overlap = overlap_with_training(predictor, paths, folder.images)
     if overlap is None:
         result["overlap_exact"] = result["overlap_near"] = None

@@ -132,11 +132,11 @@ def _analytic_head_weight(model: nn.Module, layer: nn.Module) -> torch.Tensor | 
 def _logits(output: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """The score every method explains: the malignancy logit (the logit itself for a
     one-logit model; log-odds of the malignant classes for a multi-class one)."""
-    from ml.model import malignancy_logit
+    from ml.model import model_malignancy_logit
 
     if output.ndim != 2:
         raise MLError(f"explain needs an N x K output; output shape is {tuple(output.shape)}")
-    return malignancy_logit(output, getattr(model, "positive_outputs", None))
+    return model_malignancy_logit(model, output)
 
 
 def _score_gradient_rows(output: torch.Tensor, model: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -508,7 +508,7 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
             hook.remove()
         t2 = time.perf_counter()
         output = first_output[0]
-        shown = predictor.calibrate(_logits(output, model)).tolist()  # what the page shows
+        shown = predictor.calibrated(output).tolist()  # what the page shows
         classes = predictor.classes_of(output)
         tests: list[Faithfulness | None] = [None] * n
         if faithfulness:

@@ -75,11 +75,15 @@ class Predictor:
         """Raw model outputs (N x K logits)."""
         return self.model(batch).float()
 
+    def calibrated(self, output: torch.Tensor) -> torch.Tensor:
+        """Calibrated malignancy probability per row of raw model outputs."""
+        from ml.model import model_malignancy_logit
+
+        return self.calibrate(model_malignancy_logit(self.model, output))
+
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Calibrated malignancy probability per image of a normalised batch."""
-        from ml.model import malignancy_logit
-
-        return self.calibrate(malignancy_logit(self.outputs(batch), getattr(self.model, "positive_outputs", None)))
+        return self.calibrated(self.outputs(batch))
 
     def classes_of(self, output: torch.Tensor) -> list[tuple[str | None, dict[str, float] | None]]:
         """(most likely class, class probabilities) per row of raw outputs; (None, None)
@@ -93,12 +97,10 @@ class Predictor:
     def predict(self, images: Sequence[str | Path | Image.Image], batch_size: int = 32) -> list[PredictionResult]:
         """Calibrated probability, label at the operating threshold and (multi-class
         models) the most likely class, per image, in order."""
-        from ml.model import malignancy_logit
-
         results: list[PredictionResult] = []
         for start in range(0, len(images), batch_size):
             output = self.outputs(self.to_batch(images[start:start + batch_size]))
-            probs = self.calibrate(malignancy_logit(output, getattr(self.model, "positive_outputs", None)))
+            probs = self.calibrated(output)
             for p, (cls, dist) in zip(probs.tolist(), self.classes_of(output)):
                 results.append(PredictionResult(p, self.label_for(p), self.threshold, cls, dist))
         return results

@@ -58,6 +58,12 @@ def set_positive_outputs(model: nn.Module, positive_outputs: tuple[int, ...] | l
     model.positive_outputs = chosen
 
 
+def model_malignancy_logit(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """:func:`malignancy_logit` of ``model``'s raw ``output``, with the positive outputs the
+    model carries (see :func:`set_positive_outputs`; none for a one-logit model)."""
+    return malignancy_logit(output, getattr(model, "positive_outputs", None))
+
+
 def malignancy_logit(output: torch.Tensor, positive_outputs: tuple[int, ...] | None = None) -> torch.Tensor:
     """The log-odds of malignancy per image from a model's raw output (N x K).
 

@@ -24,7 +24,7 @@ from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cac
                      train_val_split)
 from ml.calibration import calibrated, fit_platt
 from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
-from ml.model import build_model, malignancy_logit, select_device
+from ml.model import build_model, model_malignancy_logit, select_device
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | Non
     if criterion is not None and targets is not None and len(output):
         with torch.inference_mode():
             loss = float(criterion(output.flatten() if output.shape[1] == 1 else output, targets.cpu()).item())
-    z = malignancy_logit(output, getattr(model, "positive_outputs", None))
+    z = model_malignancy_logit(model, output)
     return torch.sigmoid(z).numpy().astype(np.float64), loss
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from webapp.extensions import db
 from webapp.models import ModelVersion, User, audit
 from webapp.registry import RegistryError, activate_version, register_model_version
-from worker.feedback import FeedbackExport, export_feedback
+from worker.feedback import FeedbackExport, export_feedback, select_feedback
 
 PROMOTE_MODES = ("auto", "never", "force")
 INIT_MODES = ("active", "imagenet", "none")
@@ -184,10 +185,19 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
         "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
                       "target_sensitivity": target},
     })
+    version = _register_and_gate(checkpoint, meta, active, decision, promote, name, actor,
+                                 notes=f"retrained from {active.name if active else 'scratch'} with "
+                                       f"{merge.n_feedback} reviewed case(s)")
+    return RetrainOutcome(version, active, candidate_metrics, active_metrics, decision, feedback, merge, report_files)
+
+
+def _register_and_gate(checkpoint: Path, meta: dict[str, Any], active: ModelVersion | None,
+                       decision: PromotionDecision, promote: str, name: str | None, actor: User | None,
+                       notes: str) -> ModelVersion:
+    """Register the candidate (parent: the active version) and apply the gate's decision,
+    audited in the same transaction; RetrainError when the registry refuses it."""
     try:
-        version = register_model_version(checkpoint, meta, name=name, actor=actor, parent=active,
-                                         notes=f"retrained from {active.name if active else 'scratch'} with "
-                                               f"{merge.n_feedback} reviewed case(s)")
+        version = register_model_version(checkpoint, meta, name=name, actor=actor, parent=active, notes=notes)
     except RegistryError as exc:
         raise RetrainError(f"not registered: {exc}") from None
     if decision.promote:
@@ -197,7 +207,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
     else:
         audit("model.promotion_refused", actor=actor, target=version, mode=promote, reasons=decision.reasons)
         db.session.commit()
-    return RetrainOutcome(version, active, candidate_metrics, active_metrics, decision, feedback, merge, report_files)
+    return version
 
 
 def comparison_table(outcome: RetrainOutcome) -> list[str]:
@@ -244,7 +254,6 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
     from ml import MLError
     from ml.adapt import recalibrate
     from ml.evaluate import evaluate_folder
-    from ml.export import MANIFEST
 
     if promote not in PROMOTE_MODES:
         raise RetrainError(f"--promote must be one of {', '.join(PROMOTE_MODES)}")
@@ -257,13 +266,10 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
     check_locked_test(locked_test, active.meta)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    feedback = export_feedback(work / "feedback", min_reviews=min_reviews, rule=consensus_rule)
-    import csv
-
-    with (work / "feedback" / MANIFEST).open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    images = [work / "feedback" / r["file"] for r in rows]
-    malignant = [1 if r["label"] == "malignant" else 0 for r in rows]
+    # the reviewed uploads themselves (as the worker reads them) with their consensus verdicts
+    feedback = select_feedback(min_reviews=min_reviews, rule=consensus_rule)
+    images = [item.image for item in feedback.items]
+    malignant = [int(item.verdict == "cancer") for item in feedback.items]
     checkpoint = work / "recalibrated.pt"
     try:
         meta = recalibrate(active_path, images, malignant, checkpoint, target, site)
@@ -275,23 +281,14 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
     meta.update({
         "locked_test": dict(candidate_metrics, fingerprint=_folder_fingerprint(locked_test)),
         "compared_with": {"version": active.name, "locked_test": active_metrics},
-        "training_data": {"site_adaptation_cases": len(rows), "per_label": dict(feedback.written.per_label),
+        "training_data": {"site_adaptation_cases": len(feedback.items),
+                          "per_label": dict(Counter(item.label for item in feedback.items)),
                           "feedback_left_out": dict(feedback.left_out), "weights": f"unchanged from {active.name}"},
         "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
                       "target_sensitivity": target},
     })
-    try:
-        version = register_model_version(checkpoint, meta, name=name, actor=actor, parent=active,
-                                         notes=f"{active.name} recalibrated on {len(rows)} reviewed case(s)"
-                                               + (f" of {site}" if site else ""))
-    except RegistryError as exc:
-        raise RetrainError(f"not registered: {exc}") from None
-    if decision.promote:
-        audit("model.promote", actor=actor, target=version, mode=promote, reasons=decision.reasons,
-              previous=active.name)
-        activate_version(version, actor)
-    else:
-        audit("model.promotion_refused", actor=actor, target=version, mode=promote, reasons=decision.reasons)
-        db.session.commit()
+    version = _register_and_gate(checkpoint, meta, active, decision, promote, name, actor,
+                                 notes=f"{active.name} recalibrated on {len(feedback.items)} reviewed case(s)"
+                                       + (f" of {site}" if site else ""))
     return RecalibrationOutcome(version, active, candidate_metrics, active_metrics, decision, feedback,
                                 meta["site_adaptation"])
