@@ -68,6 +68,11 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # broker refused (the outbox) and sends again those whose job was lost.
         "SWEEP_INTERVAL": _env_int("SWEEP_INTERVAL", 30),
         "WORKER_CONCURRENCY": _env_int("WORKER_CONCURRENCY", 1),
+        # `manage.py serve` (gunicorn, web only): processes, threads per process, and the
+        # seconds after which a silent process is replaced and a stopping one is killed.
+        "WEB_CONCURRENCY": _env_int("WEB_CONCURRENCY", 2),
+        "WEB_THREADS": _env_int("WEB_THREADS", 4),
+        "WEB_TIMEOUT": _env_int("WEB_TIMEOUT", 60),
         # Celery kills a new pool process that has not reported itself ready within this
         # many seconds. Our processes report at once (the model loads afterwards, in the
         # background), so this only catches a process that hangs while starting.
@@ -157,6 +162,8 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     else:
         cfg.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
     cfg["STORAGE_DIR"] = str(Path(cfg["STORAGE_DIR"] or instance / "storage").resolve())
+    # `manage.py serve` refuses a generated key where several machines may serve the app.
+    cfg["SECRET_KEY_GENERATED"] = not cfg["SECRET_KEY"]
     if not cfg["SECRET_KEY"]:
         cfg["SECRET_KEY"] = _instance_secret_key(instance)
     return cfg
