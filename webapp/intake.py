@@ -1,6 +1,9 @@
 """Upload intake: check each image, store it by content, open a case, send the job.
 
-Callable without HTTP: `receive_uploads` is what the upload route runs.
+Callable without HTTP: `receive_uploads` is what the upload route runs. PNG and JPEG
+files are stored as they came; a DICOM file (webapp/dicom.py) is de-identified and only
+the PNG derived from it is stored, so the stored file, its sha256 and everything the
+worker and the export read are the same kind of thing for every upload.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from webapp import dicom
 from webapp.background import is_stuck, send_case
 from webapp.extensions import db
 from webapp.models import Case, User, audit, utcnow
@@ -45,6 +49,15 @@ class ImageInfo:
     format: str
     width: int
     height: int
+
+
+@dataclass
+class PreparedImage:
+    """What is stored for one accepted file, and the case fields that describe it."""
+    data: bytes  # the bytes stored: the upload itself, or the PNG derived from a DICOM
+    info: ImageInfo
+    name: str  # the display name (for DICOM, cleaned of the patient's identifiers)
+    case_fields: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +107,32 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
     return ImageInfo(fmt, width, height)
 
 
+def prepare_upload(filename: str | None, data: bytes) -> PreparedImage:
+    """Check one uploaded file and return what to store; raise ImageRejected.
+
+    A DICOM file (the "DICM" magic at offset 128, or a ``.dcm`` name) is de-identified and
+    becomes a PNG of its image (webapp/dicom.py); the same per-image byte and pixel limits
+    apply to it. Anything else must be a PNG or JPEG (`inspect_image`)."""
+    cfg = current_app.config
+    name = display_name(filename)
+    if dicom.looks_like_dicom(data, filename):
+        if len(data) > cfg["MAX_IMAGE_BYTES"]:
+            raise ImageRejected(f"the file is {_mb(len(data))}; the limit is {_mb(cfg['MAX_IMAGE_BYTES'])} per image")
+        try:
+            image = dicom.read_dicom(data, max_pixels=cfg["MAX_IMAGE_PIXELS"],
+                                     patient_key_secret=cfg.get("DICOM_PATIENT_KEY_SECRET"),
+                                     uid_salt=str(cfg["SECRET_KEY"]).encode())
+        except dicom.DicomRejected as exc:
+            raise ImageRejected(str(exc)) from None
+        # A PACS export often names files after the patient: the name shown is cleaned too.
+        name = display_name(dicom.clean_filename(name, image.identifiers))
+        return PreparedImage(image.png, ImageInfo("PNG", image.width, image.height), name, {
+            "source_format": "DICOM", "dicom_meta": image.meta,
+            "burned_in_annotation": image.burned_in_annotation, "patient_key": image.patient_key})
+    info = inspect_image(data, cfg["MAX_IMAGE_BYTES"], cfg["MAX_IMAGE_PIXELS"])
+    return PreparedImage(data, info, name)
+
+
 def display_name(filename: str | None) -> str:
     """The file's own name without any folder part, control or format characters (NUL,
     escapes, right-to-left override), for display only."""
@@ -129,28 +168,31 @@ def receive_uploads(files: list[tuple[str, bytes]], note: str | None, uploader: 
     note = (note or "").strip()[:2000] or None
     _check_rate(files, uploader)
     for index, (filename, data) in enumerate(files):
-        name = display_name(filename)
         try:
-            info = inspect_image(data, cfg["MAX_IMAGE_BYTES"], cfg["MAX_IMAGE_PIXELS"])
+            prepared = prepare_upload(filename, data)
         except ImageRejected as exc:
-            outcome.rejected.append((name, str(exc)))
+            outcome.rejected.append((display_name(filename), str(exc)))
             continue
+        info, name = prepared.info, prepared.name
         key = None
         try:
             if not allow_duplicate:
-                same = existing_case(hashlib.sha256(data).hexdigest(), uploader)
+                # The sha256 of the stored file: for a DICOM, of the PNG of its image, so
+                # the same image is a duplicate whatever its (de-identified) tags.
+                same = existing_case(hashlib.sha256(prepared.data).hexdigest(), uploader)
                 if same is not None:
                     outcome.duplicates.append((name, same))
                     continue
-            key, digest, created = store.put_new(data, "images", ACCEPTED_FORMATS[info.format])
+            key, digest, created = store.put_new(prepared.data, "images", ACCEPTED_FORMATS[info.format])
             # Marked as dispatched before the job is sent, so that the sweep leaves it alone;
             # `send_case` puts it back in the outbox if the broker refuses.
             case = Case(uploader_id=uploader.id, status="queued", image_sha256=digest, image_key=key,
                         image_format=info.format, original_filename=name, width=info.width,
-                        height=info.height, note=note, dispatched_at=utcnow())
+                        height=info.height, note=note, dispatched_at=utcnow(), **prepared.case_fields)
             db.session.add(case)
             db.session.flush()
-            audit("case.upload", actor=uploader, target=case, sha256=digest)
+            audit("case.upload", actor=uploader, target=case, sha256=digest,
+                  **({"source": "DICOM"} if prepared.case_fields else {}))
             db.session.commit()
         except (OSError, OperationalError) as exc:
             db.session.rollback()

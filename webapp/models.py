@@ -141,6 +141,16 @@ class Case(db.Model):
     # audit trail), but lists, the review queue and the feedback export leave it out.
     withdrawn_at: Mapped[datetime | None] = mapped_column(DateTime)
     withdrawn_by_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"))
+    # DICOM uploads (webapp/dicom.py): "DICOM" here, None for a PNG or JPEG upload; the
+    # stored image is then the PNG derived from the de-identified file. `dicom_meta` holds
+    # only whitelisted, non-identifying facts (modality, device, laterality, view, pixel
+    # spacing, frames); `burned_in_annotation` is BurnedInAnnotation (YES True, NO False,
+    # not stated None); `patient_key` is the per-site pseudonym, only with
+    # DICOM_PATIENT_KEY_SECRET set.
+    source_format: Mapped[str | None] = mapped_column(String(8))
+    dicom_meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    burned_in_annotation: Mapped[bool | None] = mapped_column(Boolean)
+    patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
 
     uploader: Mapped[User] = relationship(foreign_keys=[uploader_id])
     withdrawn_by: Mapped[User | None] = relationship(foreign_keys=[withdrawn_by_id])

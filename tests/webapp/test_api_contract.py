@@ -36,7 +36,7 @@ def test_the_served_document_is_valid_openapi_and_matches_the_routes(app, client
     assert document == openapi_document()  # what the schemathesis test loads
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     assert documented == _served(app)
-    assert len(documented) == 9
+    assert len(documented) == 10
     for path, item in document["paths"].items():
         for method, operation in item.items():
             codes = set(operation["responses"])

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 from sqlalchemy import select
+from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from webapp.api.openapi import openapi_document
@@ -21,7 +22,7 @@ from webapp.api.tokens import TokenError, user_for_secret
 from webapp.extensions import db
 from webapp.formatting import verdict_words
 from webapp.intake import receive_uploads
-from webapp.models import Case, ModelVersion, Prediction, Review, User
+from webapp.models import CASE_STATUSES, Case, ModelVersion, Prediction, Review, User
 from webapp.reviews import (REVIEWER_ROLES, ReviewForbidden, ReviewRejected, current_review, needs_blind_read,
                             reading_token, submit_review)
 from webapp.text import has_forbidden_characters
@@ -116,6 +117,25 @@ def _prediction_json(case: Case, prediction: Prediction) -> dict[str, Any]:
     }
 
 
+#: The DICOM facts the API gives (a case's `dicom_meta` holds these and nothing else
+#: identifying: webapp/dicom.py keeps a whitelist).
+DICOM_FIELDS = ("modality", "manufacturer", "model", "laterality", "view", "body_part", "pixel_spacing_mm",
+                "pixel_spacing_source", "frames", "frame_shown", "photometric", "bits_stored", "voi", "inverted",
+                "burned_in_annotation", "transfer_syntax")
+
+
+def _dicom_json(case: Case) -> dict[str, Any] | None:
+    if case.source_format != "DICOM":
+        return None
+    meta = case.dicom_meta or {}
+    data = {name: meta.get(name) for name in DICOM_FIELDS}
+    data["frames"] = int(data["frames"] or 1)
+    data["frame_shown"] = int(data["frame_shown"] or 1)
+    data["inverted"] = bool(data["inverted"])
+    data["patient_key"] = case.patient_key
+    return data
+
+
 def _case_json(case: Case, user: User) -> dict[str, Any]:
     prediction = case.latest_prediction
     is_reviewer = user.has_role(*REVIEWER_ROLES)
@@ -128,6 +148,8 @@ def _case_json(case: Case, user: User) -> dict[str, Any]:
         "error": case.error,
         "original_filename": case.original_filename,
         "image_format": case.image_format,
+        "source_format": case.source_format or case.image_format,
+        "dicom": _dicom_json(case),
         "width": case.width,
         "height": case.height,
         "note": case.note,
@@ -185,12 +207,29 @@ def _model_json(version: ModelVersion, user: User) -> dict[str, Any]:
 # ------------------------------------------------------------------ helpers
 
 def _visible_case(case_id: int) -> Case:
-    """The case if the token's user may see it; 404 otherwise (existence is not revealed)."""
+    """The case if the token's user may see it; 404 otherwise (existence is not revealed),
+    410 for a withdrawn case its user may see (it is kept in the records, not served)."""
     user = g.api_user
     case = db.session.get(Case, case_id) if case_id <= _MAX_ID else None
     if case is None or not (user.sees_all_cases or case.uploader_id == user.id):
         abort(404, description="No such case, or it is not one of yours.")
+    if case.withdrawn_at is not None:
+        abort(410, description=f"Case {case.id} was withdrawn on {case.withdrawn_at:%Y-%m-%d %H:%M} UTC by its "
+                               "uploader or an admin; it is kept in the records but no longer served or reviewed.")
     return case
+
+
+def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+    value = request.args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        abort(400, description=f"'{name}' must be a whole number from {low} to {high}.")
+    return number
 
 
 def _text_field(body: dict[str, Any], name: str) -> str | None:
@@ -228,6 +267,33 @@ def models():
     return {"models": [_model_json(v, g.api_user) for v in versions]}
 
 
+@bp.get("/cases")
+@token_required(*ANY_ROLE)
+def case_list():
+    """The cases the token's user may see, newest first, withdrawn ones left out (as in
+    the page's list); ``limit`` per page, the next page from the ``next`` link."""
+    user = g.api_user
+    status = request.args.get("status") or None
+    if status is not None and status not in CASE_STATUSES:
+        abort(400, description=f"'status' must be one of {', '.join(CASE_STATUSES)}.")
+    limit = _int_arg("limit", 25, 1, 100)
+    before = _int_arg("before", None, 1, _MAX_ID)
+    query = (select(Case).options(joinedload(Case.uploader),
+                                  selectinload(Case.predictions).joinedload(Prediction.model_version))
+             .where(Case.withdrawn_at.is_(None)))
+    if not user.sees_all_cases:
+        query = query.where(Case.uploader_id == user.id)
+    if status:
+        query = query.where(Case.status == status)
+    if before:
+        query = query.where(Case.id < before)
+    cases = list(db.session.scalars(query.order_by(Case.id.desc()).limit(limit + 1)).unique())
+    more = len(cases) > limit
+    cases = cases[:limit]
+    next_url = url_for("api.case_list", status=status, limit=limit, before=cases[-1].id) if more else None
+    return {"cases": [_case_json(c, user) for c in cases], "next": next_url}
+
+
 @bp.post("/cases")
 @token_required(*UPLOADERS)
 def case_create():
@@ -235,7 +301,7 @@ def case_create():
     files = [(f.filename or "unnamed", f.read()) for f in request.files.getlist("images")]
     if not files:
         abort(400, description="Send the images as multipart/form-data in the field 'images' "
-                               "(one or more PNG or JPEG files).")
+                               "(one or more PNG, JPEG or DICOM files).")
     note = request.form.get("note")
     outcome = receive_uploads(files, note, g.api_user)
     rejected = [{"filename": name, "reason": reason} for name, reason in outcome.rejected]

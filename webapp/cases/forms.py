@@ -4,7 +4,7 @@ from wtforms.validators import DataRequired, Length, Optional
 
 
 class UploadForm(FlaskForm):
-    images = MultipleFileField("Images (PNG or JPEG, one or several)")
+    images = MultipleFileField("Images (PNG, JPEG or DICOM, one or several)")
     note = TextAreaField("Note (optional)", validators=[Optional(), Length(max=2000)])
     allow_duplicate = BooleanField("Upload again even if an image is already a case")
     submit = SubmitField("Upload")

@@ -1,0 +1,550 @@
+"""DICOM intake: de-identify an uploaded DICOM file and turn one frame into an 8-bit PNG.
+
+What the rest of the app gets from a DICOM upload is a `DicomImage`: the PNG (the only
+file stored, shown, sent to the worker and exported), a few non-identifying metadata
+values taken from the *de-identified* dataset, the BurnedInAnnotation flag and, only when
+``DICOM_PATIENT_KEY_SECRET`` is set, a per-site pseudonymous patient key. The DICOM file
+itself is never written anywhere: nothing identifying survives the request.
+
+De-identification follows the Basic Application Level Confidentiality Profile of DICOM
+PS3.15 Annex E (Table E.1-1, "Basic Prof." column): `DEIDENTIFY_ACTIONS` below is that
+table's action for each attribute that can identify a patient, a clinician or an
+institution (D: replace with a dummy value, Z: empty, X: remove, U: replace the UID by a
+consistent new one). Beyond the table, and stricter than it: every private attribute,
+overlay and curve group, every remaining person name (VR PN) and every remaining UID that
+is not a UID of the standard is removed or replaced, in nested sequences too. Then only a
+whitelist of display metadata is kept (`_display_metadata`), so even an attribute the
+table misses never reaches the database.
+
+Pixel rules (PS3.3 C.7.6.3, C.11): the Modality LUT (or rescale slope/intercept) then the
+VOI LUT or window centre/width are applied with pydicom; without a VOI the values are
+stretched from their minimum to their maximum (8-bit data is kept as it is); the result
+is scaled to 0-255. MONOCHROME1 (and a Presentation LUT Shape of INVERSE) is inverted so
+that white is dense; YBR colour is converted to RGB, palette colour through its LUT.
+A multi-frame file (a cine clip) gives one image: its middle frame (frame ``n // 2 + 1``
+of ``n``, counting from 1), shown on the case page as "frame k of n".
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import UID
+
+#: Where a DICOM Part 10 file carries its magic bytes, after the 128-byte preamble.
+MAGIC_OFFSET = 128
+MAGIC = b"DICM"
+
+#: The value written into PatientName and PatientID (action Z keeps the attribute, empty).
+DEIDENTIFICATION_METHOD = "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (breast-review)"
+
+# ----------------------------------------------------------------------------------------
+# PS3.15 Annex E, Table E.1-1: the Basic Profile action for each attribute (keyword ->
+# action). D: replace with a non-identifying dummy value; Z: replace with an empty value;
+# X: remove; U: replace with a new UID, the same new UID for the same old one. Where the
+# table allows several actions (e.g. "X/Z/D"), the most removing one is used.
+# ----------------------------------------------------------------------------------------
+DEIDENTIFY_ACTIONS: dict[str, str] = {
+    # Patient
+    "PatientName": "Z",
+    "PatientID": "Z",
+    "IssuerOfPatientID": "X",
+    "IssuerOfPatientIDQualifiersSequence": "X",
+    "PatientBirthDate": "Z",
+    "PatientBirthTime": "X",
+    "PatientBirthName": "X",
+    "PatientSex": "Z",
+    "PatientAge": "X",
+    "PatientSize": "X",
+    "PatientWeight": "X",
+    "PatientAddress": "X",
+    "PatientTelephoneNumbers": "X",
+    "PatientTelecomInformation": "X",
+    "PatientMotherBirthName": "X",
+    "PatientComments": "X",
+    "PatientState": "X",
+    "PatientReligiousPreference": "X",
+    "PatientInsurancePlanCodeSequence": "X",
+    "PatientPrimaryLanguageCodeSequence": "X",
+    "PatientSexNeutered": "X",
+    "OtherPatientIDs": "X",
+    "OtherPatientNames": "X",
+    "OtherPatientIDsSequence": "X",
+    "MedicalRecordLocator": "X",
+    "MilitaryRank": "X",
+    "BranchOfService": "X",
+    "Occupation": "X",
+    "EthnicGroup": "X",
+    "CountryOfResidence": "X",
+    "RegionOfResidence": "X",
+    "MedicalAlerts": "X",
+    "Allergies": "X",
+    "AdditionalPatientHistory": "X",
+    "LastMenstrualDate": "X",
+    "PregnancyStatus": "X",
+    "SmokingStatus": "X",
+    "ResponsiblePerson": "X",
+    "ResponsibleOrganization": "X",
+    "PersonAddress": "X",
+    "PersonTelephoneNumbers": "X",
+    "ReferencedPatientSequence": "X",
+    "ReferencedPatientPhotoSequence": "X",
+    # Visit, admission, order
+    "AdmissionID": "X",
+    "IssuerOfAdmissionIDSequence": "X",
+    "AdmittingDiagnosesDescription": "X",
+    "AdmittingDiagnosesCodeSequence": "X",
+    "AdmittingDate": "X",
+    "AdmittingTime": "X",
+    "ServiceEpisodeID": "X",
+    "ServiceEpisodeDescription": "X",
+    "VisitComments": "X",
+    "CurrentPatientLocation": "X",
+    "PatientInstitutionResidence": "X",
+    "AccessionNumber": "Z",
+    "IssuerOfAccessionNumberSequence": "X",
+    "StudyID": "Z",
+    "PlacerOrderNumberImagingServiceRequest": "X",
+    "FillerOrderNumberImagingServiceRequest": "X",
+    "OrderEnteredBy": "X",
+    "OrderEntererLocation": "X",
+    "OrderCallbackPhoneNumber": "X",
+    "RequestedProcedureID": "X",
+    "RequestedProcedureDescription": "X",
+    "RequestingService": "X",
+    "RequestingPhysician": "X",
+    "ReasonForStudy": "X",
+    "ReasonForTheRequestedProcedure": "X",
+    "RequestAttributesSequence": "X",
+    "ScheduledPerformingPhysicianName": "X",
+    "PerformedProcedureStepID": "X",
+    "PerformedProcedureStepDescription": "X",
+    "PerformedProcedureStepStartDate": "X",
+    "PerformedProcedureStepStartTime": "X",
+    "PerformedProcedureStepEndDate": "X",
+    "PerformedProcedureStepEndTime": "X",
+    "PerformedStationName": "X",
+    "PerformedLocation": "X",
+    "ReferencedPerformedProcedureStepSequence": "X",
+    "ReferencedStudySequence": "X",
+    # People and places
+    "InstitutionName": "X",
+    "InstitutionAddress": "X",
+    "InstitutionCodeSequence": "X",
+    "InstitutionalDepartmentName": "X",
+    "InstitutionalDepartmentTypeCodeSequence": "X",
+    "StationName": "X",
+    "ReferringPhysicianName": "Z",
+    "ReferringPhysicianAddress": "X",
+    "ReferringPhysicianTelephoneNumbers": "X",
+    "ReferringPhysicianIdentificationSequence": "X",
+    "PhysiciansOfRecord": "X",
+    "PhysiciansOfRecordIdentificationSequence": "X",
+    "PerformingPhysicianName": "X",
+    "PerformingPhysicianIdentificationSequence": "X",
+    "NameOfPhysiciansReadingStudy": "X",
+    "PhysiciansReadingStudyIdentificationSequence": "X",
+    "OperatorsName": "X",
+    "OperatorIdentificationSequence": "X",
+    "ContentCreatorName": "Z",
+    "VerifyingObserverName": "D",
+    "PersonName": "D",
+    # Dates and times (the basic profile keeps none but study and content date, emptied)
+    "StudyDate": "Z",
+    "StudyTime": "Z",
+    "SeriesDate": "X",
+    "SeriesTime": "X",
+    "AcquisitionDate": "X",
+    "AcquisitionTime": "X",
+    "AcquisitionDateTime": "X",
+    "ContentDate": "Z",
+    "ContentTime": "Z",
+    "OverlayDate": "X",
+    "OverlayTime": "X",
+    "CurveDate": "X",
+    "CurveTime": "X",
+    "TimezoneOffsetFromUTC": "X",
+    "InstanceCoercionDateTime": "X",
+    # Free text that may name anyone
+    "StudyDescription": "X",
+    "SeriesDescription": "X",
+    "ImageComments": "X",
+    "FrameComments": "X",
+    "AcquisitionComments": "X",
+    "DerivationDescription": "X",
+    "ProtocolName": "X",
+    "AcquisitionDeviceProcessingDescription": "X",
+    "TextComments": "X",
+    "TextString": "X",
+    "IdentifyingComments": "X",
+    "InterpretationText": "X",
+    "ImpressionText": "X",
+    # Devices (identify the site; removed unless a "retain device identity" option)
+    "DeviceSerialNumber": "X",
+    "DetectorID": "X",
+    "PlateID": "X",
+    "GantryID": "X",
+    "CassetteID": "X",
+    "GeneratorID": "X",
+    # Linked objects and signatures
+    "ReferencedImageSequence": "X",
+    "SourceImageSequence": "X",
+    "OriginalAttributesSequence": "X",
+    "DigitalSignaturesSequence": "X",
+    "MACParametersSequence": "X",
+    "EncryptedAttributesSequence": "X",
+    "ModifiedAttributesSequence": "X",
+    # UIDs: replaced consistently (U)
+    "StudyInstanceUID": "U",
+    "SeriesInstanceUID": "U",
+    "SOPInstanceUID": "U",
+    "MediaStorageSOPInstanceUID": "U",
+    "FrameOfReferenceUID": "U",
+    "SynchronizationFrameOfReferenceUID": "U",
+    "ReferencedSOPInstanceUID": "U",
+    "ReferencedFrameOfReferenceUID": "U",
+    "RelatedFrameOfReferenceUID": "U",
+    "InstanceCreatorUID": "U",
+    "IrradiationEventUID": "U",
+    "DeviceUID": "U",
+    "DimensionOrganizationUID": "U",
+    "ConcatenationUID": "U",
+    "StorageMediaFileSetUID": "U",
+    "TargetUID": "U",
+    "UID": "U",
+}
+
+#: Dummy values for action D, by value representation.
+_DUMMY = {"PN": "ANONYMOUS", "LO": "ANONYMOUS", "SH": "ANONYMOUS", "DA": "19000101", "TM": "000000"}
+
+# Overlay data and comments (60xx,3000 / 60xx,4000) and curves (50xx,xxxx): X.
+_REMOVED_GROUPS = (0x5000, 0x6000)
+
+
+class DicomRejected(ValueError):
+    """A DICOM file that cannot become a case; the message says why, for the uploader."""
+
+
+@dataclass
+class DicomImage:
+    """What an upload keeps of a DICOM file: the PNG and non-identifying facts."""
+
+    png: bytes
+    width: int
+    height: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    burned_in_annotation: bool | None = None  # YES / NO / not stated
+    patient_key: str | None = None
+    #: Identifying strings found in the file (patient name parts, IDs, birth date): used
+    #: to clean the file name the uploader gave, never stored.
+    identifiers: tuple[str, ...] = ()
+
+
+def looks_like_dicom(data: bytes, filename: str | None = None) -> bool:
+    """A DICOM Part 10 file ("DICM" after the preamble), or a file named ``*.dcm``."""
+    if data[MAGIC_OFFSET:MAGIC_OFFSET + 4] == MAGIC:
+        return True
+    return bool(filename) and filename.lower().rstrip().endswith((".dcm", ".dicom"))
+
+
+# ------------------------------------------------------------------ de-identification
+
+def _new_uid(old: str, salt: bytes) -> str:
+    """The same old UID gives the same new one (for a given salt): a 2.25 (UUID-derived,
+    PS3.5 B.2) UID from an HMAC of the old value, which cannot be reversed."""
+    digest = hmac.new(salt, old.encode("ascii", "replace"), hashlib.sha256).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def _is_standard_uid(value: str) -> bool:
+    """A UID the standard itself defines (an SOP class, a transfer syntax, a coding
+    scheme...): it names no patient, so it is kept."""
+    uid = UID(value)
+    return uid.name != value or value.startswith("1.2.840.10008.")
+
+
+def _deidentify_dataset(ds: Dataset, salt: bytes) -> None:
+    for elem in list(ds):
+        tag = elem.tag
+        if tag.is_private or (tag.group & 0xFF00) in _REMOVED_GROUPS:
+            del ds[tag]
+            continue
+        action = DEIDENTIFY_ACTIONS.get(elem.keyword)
+        if action is None:
+            if elem.VR == "PN":
+                action = "X"  # a person's name the table does not list: stricter than it
+            elif elem.VR == "UI" and elem.value and not all(_is_standard_uid(str(v)) for v in _values(elem.value)):
+                action = "U"
+        if action == "X":
+            del ds[tag]
+        elif action == "Z":
+            elem.value = [] if elem.VR == "SQ" else ""
+        elif action == "D":
+            elem.value = [] if elem.VR == "SQ" else _DUMMY.get(elem.VR, "")
+        elif action == "U":
+            if elem.value:
+                new = [_new_uid(str(v), salt) for v in _values(elem.value)]
+                elem.value = new if len(new) > 1 else new[0]
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                _deidentify_dataset(item, salt)
+
+
+def _values(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, MultiValue)) else [value]
+
+
+def deidentify(ds: Dataset, uid_salt: bytes) -> Dataset:
+    """Apply `DEIDENTIFY_ACTIONS` (PS3.15 Annex E basic profile) and the stricter rules
+    above to ``ds`` in place, nested sequences and the file meta included, and record it
+    (PatientIdentityRemoved YES, DeidentificationMethod, code 113100). Returns ``ds``."""
+    _deidentify_dataset(ds, uid_salt)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta and meta.MediaStorageSOPInstanceUID:
+        meta.MediaStorageSOPInstanceUID = _new_uid(str(meta.MediaStorageSOPInstanceUID), uid_salt)
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = DEIDENTIFICATION_METHOD[:64]
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
+    code.CodeMeaning = "Basic Application Confidentiality Profile"
+    ds.DeidentificationMethodCodeSequence = [code]
+    return ds
+
+
+def patient_key(ds: Dataset, secret: str | None) -> str | None:
+    """The per-site pseudonymous key of the patient: HMAC-SHA256 of the issuer and the
+    Patient ID under ``secret`` (32 hex digits), the same for every image of one patient
+    at this site and meaningless without the secret; None when no secret is set or the
+    file has no Patient ID."""
+    patient_id = str(ds.get("PatientID", "") or "").strip()
+    if not secret or not patient_id:
+        return None
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    message = f"{issuer}\x00{patient_id}".encode("utf-8", "replace")
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+
+def _identifiers(ds: Dataset) -> tuple[str, ...]:
+    """Strings of the original file that identify the patient (to clean the file name)."""
+    found: set[str] = set()
+    for keyword in ("PatientName", "OtherPatientNames", "PatientBirthName"):
+        for name in _values(ds.get(keyword) or []):
+            found.update(p for p in re.split(r"[\^=\s,]+", str(name)) if len(p) >= 2)
+    for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientBirthDate", "MedicalRecordLocator"):
+        for value in _values(ds.get(keyword) or []):
+            if len(str(value).strip()) >= 2:
+                found.add(str(value).strip())
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def clean_filename(name: str, identifiers: tuple[str, ...]) -> str:
+    """``name`` with every identifying string of the file (case-insensitive) replaced."""
+    for value in identifiers:
+        name = re.sub(re.escape(value), "x", name, flags=re.IGNORECASE)
+    return name
+
+
+# ------------------------------------------------------------------ pixels
+
+def _frame_count(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _voi_output_range(ds: Dataset) -> tuple[float, float]:
+    """The range pydicom's windowing maps onto (pydicom.pixels.processing.apply_windowing:
+    the stored range, through the Modality LUT or rescale)."""
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return min(low, high), max(low, high)
+
+
+def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _grey_to_8bit(frame: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    """Modality LUT, VOI (LUT or window), 8-bit scaling; returns the pixels and which VOI
+    rule was used, in words."""
+    values = apply_modality_lut(frame, ds)
+    if ds.get("VOILUTSequence"):
+        lut = ds.VOILUTSequence[0]
+        out = apply_voi_lut(values, ds, index=0)
+        bits = int(lut.LUTDescriptor[2]) or 16
+        return _to_uint8(out, 0, 2**bits - 1), "VOI LUT"
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        centre, width = (_values(ds.WindowCenter)[0], _values(ds.WindowWidth)[0])
+        low, high = _voi_output_range(ds)
+        out = apply_voi_lut(values, ds, index=0)
+        return _to_uint8(out, low, high), f"window centre {float(centre):g}, width {float(width):g}"
+    if int(ds.BitsStored) <= 8 and ds.get("RescaleSlope") in (None, 1) and not ds.get("RescaleIntercept"):
+        return values.astype(np.uint8), "8-bit values as stored"
+    low, high = float(np.min(values)), float(np.max(values))
+    return _to_uint8(values, low, high), "stretched from minimum to maximum"
+
+
+def _colour_to_8bit(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+    if frame.dtype == np.uint8:
+        return frame
+    bits = int(ds.get("BitsStored", 16)) if ds.PhotometricInterpretation != "PALETTE COLOR" else 16
+    return _to_uint8(frame, 0, 2**bits - 1)
+
+
+def read_dicom(data: bytes, *, max_pixels: int, patient_key_secret: str | None = None,
+               uid_salt: bytes = b"breast-review") -> DicomImage:
+    """De-identify ``data`` (a DICOM file) and return its image as a PNG; raise
+    DicomRejected with a message for the uploader when it cannot be used."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=data[MAGIC_OFFSET:MAGIC_OFFSET + 4] != MAGIC)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, OverflowError) as exc:
+        raise DicomRejected(f"it is not a readable DICOM file ({exc})") from None
+    if not isinstance(ds, Dataset) or len(ds) == 0:
+        raise DicomRejected("it is not a readable DICOM file")
+    # Everything identifying is taken now, then removed before anything else happens.
+    key = patient_key(ds, patient_key_secret)
+    identifiers = _identifiers(ds)
+    try:
+        deidentify(ds, uid_salt)
+    except Exception as exc:  # noqa: BLE001 - a file we cannot clean is a file we refuse
+        raise DicomRejected(f"its attributes could not be read to de-identify it ({exc})") from None
+
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DicomRejected("the DICOM file holds no image (no Pixel Data): it may be a report, "
+                            "a structured document or a presentation state; send the image itself")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        photometric = str(ds.PhotometricInterpretation).upper()
+        bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DicomRejected(f"the image attributes are missing or invalid ({exc})") from None
+    if rows * cols > max_pixels:
+        raise DicomRejected(f"the image has {cols}×{rows} pixels; the limit is {max_pixels:,} pixels")
+    if rows < 8 or cols < 8:
+        raise DicomRejected(f"the image is only {cols}×{rows} pixels")
+    frames = _frame_count(ds)
+    index = frames // 2  # the middle frame of a cine clip (the first when there is one)
+    try:
+        frame = pixel_array(ds, index=index)
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds; all mean "cannot read"
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise DicomRejected(f"its pixel data could not be decoded ({UID(str(syntax)).name if syntax else 'unknown transfer syntax'}: "
+                            f"{exc})") from None
+
+    inverted = False
+    try:
+        if photometric.startswith("MONOCHROME"):
+            if frame.ndim != 2:
+                raise DicomRejected(f"a {photometric} image with {frame.ndim} dimensions per frame is not supported")
+            pixels, voi = _grey_to_8bit(frame, ds)
+            inverted = photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+            if inverted:
+                pixels = 255 - pixels
+            mode = "L"
+        else:
+            if photometric == "PALETTE COLOR":
+                frame = apply_color_lut(frame, ds)
+            # pydicom converts YBR_FULL and YBR_FULL_422 to RGB when it decodes (as_rgb);
+            # JPEG and JPEG 2000 decoders return RGB for YBR_ICT, YBR_RCT and YBR_PARTIAL.
+            if frame.ndim != 3 or frame.shape[-1] != 3:
+                raise DicomRejected(f"a {photometric} image of shape {frame.shape} is not supported")
+            pixels, voi, mode = _colour_to_8bit(frame, ds), "colour", "RGB"
+    except DicomRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DicomRejected(f"its pixel values could not be converted ({exc})") from None
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels), mode=mode).save(buffer, format="PNG")
+    burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    meta = _display_metadata(ds)
+    meta.update({"frames": frames, "frame_shown": index + 1, "photometric": photometric,
+                 "bits_stored": bits_stored, "voi": voi, "inverted": inverted,
+                 "burned_in_annotation": burned if burned in ("YES", "NO") else None, "deidentified": "PS3.15 Annex E basic profile"})
+    return DicomImage(png=buffer.getvalue(), width=cols, height=rows, meta=meta,
+                      burned_in_annotation={"YES": True, "NO": False}.get(burned),
+                      patient_key=key, identifiers=identifiers)
+
+
+# ------------------------------------------------------------------ metadata
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    text = "\\".join(str(v) for v in _values(value)).strip()
+    text = "".join(ch for ch in text if ch.isprintable())[:limit]
+    return text or None
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[list[float] | None, str | None]:
+    """Row and column spacing in mm, and where it came from."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(_values(value)) == 2:
+            try:
+                return [round(float(v), 6) for v in _values(value)], keyword
+            except (TypeError, ValueError):
+                pass
+    # Ultrasound: the calibrated region's physical size of one pixel (units 3 = cm).
+    for region in ds.get("SequenceOfUltrasoundRegions") or []:
+        try:
+            if int(region.PhysicalUnitsXDirection) == 3 and int(region.PhysicalUnitsYDirection) == 3:
+                return [round(float(region.PhysicalDeltaY) * 10, 6),
+                        round(float(region.PhysicalDeltaX) * 10, 6)], "ultrasound region"
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return None, None
+
+
+def _view(ds: Dataset) -> str | None:
+    view = _text(ds, "ViewPosition")
+    if view:
+        return view
+    for item in ds.get("ViewCodeSequence") or []:
+        meaning = _text(item, "CodeMeaning")
+        if meaning:
+            return meaning
+    return None
+
+
+def _display_metadata(ds: Dataset) -> dict[str, Any]:
+    """The non-identifying facts shown on the case page (a whitelist, read from the
+    de-identified dataset)."""
+    spacing, source = _pixel_spacing(ds)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return {
+        "modality": _text(ds, "Modality", 16),
+        "manufacturer": _text(ds, "Manufacturer"),
+        "model": _text(ds, "ManufacturerModelName"),
+        "laterality": _text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16),
+        "view": _view(ds),
+        "body_part": _text(ds, "BodyPartExamined", 16),
+        "pixel_spacing_mm": spacing,
+        "pixel_spacing_source": source,
+        "transfer_syntax": UID(str(syntax)).name if syntax else None,
+    }
