@@ -94,6 +94,10 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # any 60 seconds (429 above it): each image costs the worker a decode and a model run.
         "MAX_FILES_PER_UPLOAD": _env_int("MAX_FILES_PER_UPLOAD", 20),
         "UPLOADS_PER_USER_PER_MINUTE": _env_int("UPLOADS_PER_USER_PER_MINUTE", 60),
+        # DICOM uploads are de-identified (docs/dicom.md). With a secret set, each case also
+        # keeps a per-site pseudonymous patient key (HMAC-SHA256 of the Patient ID under this
+        # secret); unset (the default), nothing derived from the Patient ID is kept.
+        "DICOM_PATIENT_KEY_SECRET": _env("DICOM_PATIENT_KEY_SECRET"),
         # The worker decodes images at most this many pixels on the longer side (the model
         # reads 128-224 px; the heatmap and overlay are drawn at this size for the viewer).
         "WORKER_IMAGE_MAX_SIDE": _env_int("WORKER_IMAGE_MAX_SIDE", 2048),
