@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import joinedload
@@ -104,3 +105,174 @@ def list_cases(viewer: User, *, status: str | None = None, label: str | None = N
         next_cursor=_encode(rows[-1], sort) if has_next and rows else None,
         prev_cursor=_encode(rows[0], sort) if has_prev and rows else None,
     )
+
+
+# ------------------------------------------------------------------ the review column
+
+@dataclass
+class ReviewCell:
+    """What the list's review column shows one viewer about one case."""
+
+    count: int                 # finished reviews
+    consensus: str | None      # majority label (cancer / normal); None for a tie, none, or not shown
+    shown: bool                # whether this viewer may see the consensus
+    waits_for_own: bool        # a reviewer who sees the consensus once their own review is saved
+
+    @property
+    def text(self) -> str:
+        from webapp.formatting import verdict_words
+
+        if not self.count:
+            return "not reviewed"
+        words = f"{self.count} review{'s' if self.count != 1 else ''}"
+        if not self.shown:
+            return words
+        if self.consensus is None:
+            return f"{words}, no majority"
+        return f"{words}: {verdict_words(self.consensus)}"
+
+
+def review_cells(viewer: User, case_ids: list[int]) -> dict[int, ReviewCell]:
+    """The review column for a page of cases, in one query.
+
+    Independent reads: a reviewer sees the consensus of a case only once their own review
+    of it is saved (before that, the others' verdicts would anchor them); admins see every
+    consensus; clinicians see how many reviews there are, as their case page shows no
+    reviews. Blinded readers who have not reviewed a case see no consensus either.
+    """
+    from webapp.models import Review
+    from webapp.review_stats import consensus
+
+    if not case_ids:
+        return {}
+    rows = db.session.execute(select(Review.case_id, Review.reviewer_id, Review.label).where(
+        Review.case_id.in_(case_ids), Review.verdict.is_not(None))).all()
+    labels: dict[int, list[str]] = {}
+    mine: set[int] = set()
+    for case_id, reviewer_id, label in rows:
+        labels.setdefault(case_id, []).append(label)
+        if reviewer_id == viewer.id:
+            mine.add(case_id)
+    cells = {}
+    for case_id in case_ids:
+        given = labels.get(case_id, [])
+        if viewer.role == "admin":
+            shown = True
+        elif viewer.role == "reviewer":
+            shown = case_id in mine
+        else:
+            shown = False
+        cells[case_id] = ReviewCell(len(given), consensus(given) if shown else None, shown,
+                                    waits_for_own=bool(given) and viewer.role == "reviewer" and not shown)
+    return cells
+
+
+# ------------------------------------------------------------------ live status of a page
+
+MAX_STATUS_IDS = 100
+
+
+def parse_ids(text: str | None) -> list[int]:
+    """``"3,1,2"`` as [3, 1, 2]; BadQuery for anything else or more than MAX_STATUS_IDS."""
+    parts = [p for p in (text or "").split(",") if p.strip()]
+    if not parts:
+        raise BadQuery("give the case numbers as ids=1,2,3")
+    if len(parts) > MAX_STATUS_IDS:
+        raise BadQuery(f"at most {MAX_STATUS_IDS} case numbers at a time")
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise BadQuery("case numbers must be whole numbers, as ids=1,2,3") from None
+    if any(i < 1 for i in ids):
+        raise BadQuery("case numbers start at 1")
+    return list(dict.fromkeys(ids))
+
+
+def case_statuses(viewer: User, case_ids: list[int], hidden_output: set[int] | None = None) -> list[dict]:
+    """Status, model output (unless hidden from a blinded reader) and review column of the
+    cases in ``case_ids`` that ``viewer`` may see, in one query plus the review query.
+
+    Cases the viewer may not see, withdrawn ones and unknown numbers are simply left out,
+    so the answer reveals nothing about them.
+    """
+    from webapp.formatting import verdict_words
+    from webapp.reviews import blinded_case_ids
+
+    query = select(Case).where(Case.id.in_(case_ids), Case.withdrawn_at.is_(None))
+    if not viewer.sees_all_cases:
+        query = query.where(Case.uploader_id == viewer.id)
+    cases = list(db.session.scalars(query.order_by(Case.id)))
+    ids = [c.id for c in cases]
+    hidden = blinded_case_ids(viewer, ids) if hidden_output is None else hidden_output
+    reviews = review_cells(viewer, ids)
+    out = []
+    for case in cases:
+        secret = case.id in hidden
+        label = None if secret else case.label
+        probability = None if secret else case.probability
+        out.append({
+            "id": case.id,
+            "status": case.status,
+            "finished": case.is_finished,
+            "hidden": secret,
+            "label": label,
+            "label_text": verdict_words(label) if label else "–",
+            "probability": probability,
+            "probability_text": f"{probability * 100:.1f} %" if probability is not None else "–",
+            "reviews": reviews[case.id].count,
+            "review_text": reviews[case.id].text,
+            "consensus": reviews[case.id].consensus,
+            "consensus_after_own": reviews[case.id].waits_for_own,
+            "updated_at": case.updated_at.isoformat() + "Z",
+        })
+    return out
+
+
+# ------------------------------------------------------------------ thumbnails
+
+THUMBNAIL_PX = 96
+
+
+def thumbnail_path(store, case: Case) -> Path | None:
+    """A JPEG of at most THUMBNAIL_PX on its longer side, made with Pillow the first time it
+    is asked for and kept in the file store (``thumbs/ab/<image sha256>.jpg``: derived from
+    the image, so one per stored image). None when the image cannot be read."""
+    import os
+    import tempfile
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from webapp.storage import make_private
+
+    digest = case.image_sha256
+    target = store.path(f"thumbs/{digest[:2]}/{digest}.jpg")
+    if target.is_file():
+        return target
+    if not case.image_key or not store.exists(case.image_key):
+        return None
+    try:
+        with Image.open(store.path(case.image_key)) as image:
+            image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))  # JPEG: decode at a fraction of the size
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                # 16-bit or float greyscale: stretch its own range to 8 bits (a plain
+                # conversion would clip everything above 255 to white).
+                wide = image.convert("F")
+                low, high = wide.getextrema()
+                scale = 255.0 / (high - low) if high > low else 0.0
+                image = wide.point(lambda v: (v - low) * scale).convert("L")
+            image = ImageOps.exif_transpose(image)
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            for folder in (store.root, target.parent.parent, target.parent):
+                make_private(folder, directory=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".jpg")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    image.save(fh, format="JPEG", quality=80)
+                os.replace(tmp, target)  # two requests at once: one identical file replaces the other
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+    return target

@@ -1,19 +1,25 @@
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, send_file, url_for
+import csv
+import io
+
+from flask import (Blueprint, Response, abort, current_app, flash, redirect, render_template, request, send_file,
+                   stream_with_context, url_for)
 from flask_login import current_user
 from sqlalchemy import select
-from sqlalchemy.orm import joinedload
 
 from webapp.accounts import (AccountError, create_user, deactivate, failed_sign_ins, reset_password, set_role,
                               unlock)
 from webapp.admin.forms import (ActivationForm, CreateUserForm, DeactivateForm, ResetPasswordForm, RoleForm,
                                 UnlockForm)
+from webapp.audit_log import (CASE_VIEW_AUDIT_MINUTES, AuditFilters, AuditQueryError, actor_name, audit_csv_rows,
+                              audit_page, csv_cell, known_actions, parse_filters)
 from webapp.auth.roles import role_required
 from webapp.extensions import db
 from webapp.model_card import model_card
-from webapp.models import ROLES, AuditEvent, ModelVersion, User
+from webapp.models import ROLES, ModelVersion, User, audit
 from webapp.registry import RegistryError, find_version, promote, rollback
+from webapp.review_stats import UnknownVersion, review_statistics, statistics_by_version, statistics_csv_rows
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -167,9 +173,70 @@ def model_roc(name: str):
     return send_file(store.path(key), mimetype="image/png", max_age=3600)
 
 
+def _audit_filters() -> AuditFilters:
+    try:
+        return parse_filters(request.args)
+    except AuditQueryError as exc:
+        abort(400, description=str(exc))
+
+
 @bp.get("/audit")
 @role_required("admin")
 def audit_log():
-    events = db.session.scalars(
-        select(AuditEvent).options(joinedload(AuditEvent.actor)).order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(200)).all()
-    return render_template("admin/audit.html", events=events)
+    """The audit log, newest first, filtered by actor, action, case and date range; 200
+    events a page, older pages by keyset."""
+    filters = _audit_filters()
+    try:
+        page = audit_page(filters, before=request.args.get("before") or None)
+    except AuditQueryError as exc:
+        abort(400, description=str(exc))
+    actors = db.session.scalars(select(User.email).order_by(User.email)).all()
+    actions = known_actions()
+    families = sorted({a.split(".")[0] + "." for a in actions})
+    return render_template("admin/audit.html", page=page, events=page.events, filters=filters,
+                           args=filters.as_args(), actions=actions, families=families, actors=actors,
+                           actor_name=actor_name,
+                           view_minutes=CASE_VIEW_AUDIT_MINUTES, first_page=not request.args.get("before"))
+
+
+def _csv_response(rows, filename: str) -> Response:
+    """Stream ``rows`` (lists of cells, already guarded) as a CSV download."""
+    def generate():
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        for row in rows:
+            writer.writerow(row)
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+
+    return Response(stream_with_context(generate()), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@bp.get("/audit.csv")
+@role_required("admin")
+def audit_csv():
+    """Every event matching the filters, as CSV (cells that a spreadsheet would run as a
+    formula are prefixed with an apostrophe). The export itself is audited."""
+    filters = _audit_filters()
+    audit("audit.export", actor=current_user, **filters.as_args())
+    db.session.commit()
+    return _csv_response(audit_csv_rows(filters), "audit-log.csv")
+
+
+@bp.get("/review-statistics.csv")
+@role_required("admin")
+def review_statistics_csv():
+    """Every figure of the review statistics page (?version=NAME as on the page), one row
+    each, with its 95 % interval and the cases behind each disagreement. Audited."""
+    version = request.args.get("version") or None
+    try:
+        summary = review_statistics(version)
+    except UnknownVersion as exc:
+        abort(404, description=f"No model version {exc}.")
+    rows = statistics_csv_rows(summary, statistics_by_version())
+    audit("review_statistics.export", actor=current_user, version=version or "all")
+    db.session.commit()
+    return _csv_response(([csv_cell(v) for v in row] for row in rows),
+                         f"review-statistics-{version or 'all'}.csv")

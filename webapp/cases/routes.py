@@ -4,9 +4,10 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from markupsafe import Markup, escape
 from flask_login import current_user
 
+from webapp.audit_log import record_case_view
 from webapp.auth.roles import ANY_ROLE, role_required
 from webapp.background import is_stuck
-from webapp.caselist import SORTS, BadQuery, list_cases
+from webapp.caselist import SORTS, BadQuery, case_statuses, list_cases, parse_ids, review_cells, thumbnail_path
 from webapp.cases.forms import RerunForm, UploadForm, WithdrawForm
 from webapp.extensions import db
 from webapp.intake import RerunRefused, receive_uploads, rerun_case
@@ -58,7 +59,8 @@ def case_list():
     resendable = {c.id for c in page.cases if is_stuck(app, c) and _may_rerun(c)}
     return render_template("cases/list.html", page=page, filters=filters, sort=sort, sorts=SORTS,
                            statuses=CASE_STATUSES, labels=LABELS, hidden=hidden, blinded=blinded,
-                           resendable=resendable)
+                           resendable=resendable, reviews=review_cells(current_user, [c.id for c in page.cases]),
+                           poll_ms=current_app.config["STATUS_POLL_MS"])
 
 
 @bp.route("/cases/upload", methods=["GET", "POST"])
@@ -97,7 +99,10 @@ def upload():
 @bp.get("/cases/<int:case_id>")
 @role_required(*ANY_ROLE)
 def case_page(case_id: int):
-    return render_case(_visible_case(case_id))
+    case = _visible_case(case_id)
+    page = render_case(case)
+    record_case_view(case, current_user)  # who read which case: audited, throttled (webapp/audit_log.py)
+    return page
 
 
 def render_case(case: Case, status: int = 200, submitted: dict | None = None):
@@ -203,3 +208,26 @@ def case_file(case_id: int, kind: str):
     # Patient images: nothing may keep them, not even the browser after sign-out; every
     # response but static files is "no-store" (webapp/headers.py).
     return send_file(store.path(key), conditional=True, max_age=0)
+
+
+@bp.get("/cases/status")
+@role_required(*ANY_ROLE)
+def case_list_status():
+    """JSON for the case list's polling script: ``?ids=1,2,3`` (at most 100), one entry per
+    case the user may see (others, withdrawn and unknown numbers are left out)."""
+    try:
+        ids = parse_ids(request.args.get("ids"))
+    except BadQuery as exc:
+        abort(400, description=str(exc))
+    return {"cases": case_statuses(current_user, ids)}
+
+
+@bp.get("/cases/<int:case_id>/thumbnail")
+@role_required(*ANY_ROLE)
+def case_thumbnail(case_id: int):
+    """A small JPEG of the case's image for the list (made on first request, then kept)."""
+    case = _visible_case(case_id)
+    path = thumbnail_path(current_app.extensions["file_store"], case)
+    if path is None:
+        abort(404, description="This case has no thumbnail (its image cannot be read).")
+    return send_file(path, mimetype="image/jpeg", conditional=True, max_age=0)

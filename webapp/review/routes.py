@@ -8,7 +8,7 @@ from webapp.cases.routes import render_case
 from webapp.extensions import db
 from webapp.models import Case
 from webapp.review.forms import BlindedSettingForm, BlindReadForm, ReviewForm
-from webapp.review_stats import review_statistics
+from webapp.review_stats import UnknownVersion, statistics_page
 from webapp.reviews import (QUEUE_SORTS, REVIEWER_ROLES, ReviewRejected, blinded_for, record_blind_read,
                             review_queue, set_blinded_review, submit_review)
 
@@ -85,4 +85,10 @@ def settings():
 @bp.get("/admin/review-statistics")
 @role_required("admin")
 def statistics():
-    return render_template("reviews/statistics.html", stats=review_statistics())
+    """Agreement, kappa, sensitivity and specificity with 95 % intervals; ?version=NAME for
+    one model version's reviews only (the CSV is /admin/review-statistics.csv)."""
+    try:
+        context = statistics_page(request.args.get("version") or None)
+    except UnknownVersion as exc:
+        abort(404, description=f"No model version {exc}.")
+    return render_template("reviews/statistics.html", **context)
