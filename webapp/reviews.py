@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from flask import current_app
 from itsdangerous import BadSignature, URLSafeSerializer
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import joinedload
 
 from webapp.extensions import db
@@ -24,6 +24,7 @@ QUEUE_SORTS = {
     "oldest": "Oldest first",
     "newest": "Newest first",
 }
+DEFAULT_QUEUE_SORT = "uncertain"
 
 
 class ReviewRejected(ValueError):
@@ -272,6 +273,43 @@ class QueueItem:
     blind_read_given: bool
 
 
+_UNCERTAINTY = func.abs(Prediction.probability - Prediction.threshold)
+
+
+def _queue_query(reviewer: User):
+    """(Case, latest Prediction, own Review id or None) for every case ``reviewer`` may still review."""
+    latest = (select(Prediction.case_id, func.max(Prediction.updated_at).label("at"))
+              .group_by(Prediction.case_id).subquery())
+    mine = (select(Review.case_id).where(Review.reviewer_id == reviewer.id, Review.verdict.is_not(None)))
+    return (select(Case, Prediction, Review.id)
+            .join(latest, latest.c.case_id == Case.id)
+            .join(Prediction, and_(Prediction.case_id == Case.id, Prediction.updated_at == latest.c.at))
+            .outerjoin(Review, and_(Review.case_id == Case.id, Review.reviewer_id == reviewer.id))
+            .options(joinedload(Prediction.model_version))
+            .where(Case.status == "done", Case.withdrawn_at.is_(None), Case.id.not_in(mine)))
+
+
+def _ordered(query, sort: str):
+    if sort == "uncertain":
+        return query.order_by(_UNCERTAINTY, Case.id)
+    if sort == "oldest":
+        return query.order_by(Case.created_at, Case.id)
+    return query.order_by(Case.created_at.desc(), Case.id.desc())
+
+
+def _check_sort(sort: str) -> None:
+    if sort not in QUEUE_SORTS:
+        raise ReviewRejected(f"unknown order {sort!r}; choose one of {', '.join(QUEUE_SORTS)}")
+
+
+def queue_sort(value: str | None) -> str:
+    """The queue order named by ``value`` (a link's or form's), the default when empty;
+    ReviewRejected for an unknown one."""
+    sort = (value or "").strip() or DEFAULT_QUEUE_SORT
+    _check_sort(sort)
+    return sort
+
+
 def review_queue(reviewer: User, sort: str = "uncertain", page: int = 1, per_page: int = 25) -> tuple[list[QueueItem], bool]:
     """Cases with a finished prediction that ``reviewer`` has not reviewed, and whether more follow.
 
@@ -279,26 +317,56 @@ def review_queue(reviewer: User, sort: str = "uncertain", page: int = 1, per_pag
     smallest first; ``oldest`` / ``newest`` by upload time. Raises ReviewRejected for
     an unknown sort or page.
     """
-    if sort not in QUEUE_SORTS:
-        raise ReviewRejected(f"unknown order {sort!r}; choose one of {', '.join(QUEUE_SORTS)}")
+    _check_sort(sort)
     if page < 1:
         raise ReviewRejected("pages start at 1")
-    latest = (select(Prediction.case_id, func.max(Prediction.updated_at).label("at"))
-              .group_by(Prediction.case_id).subquery())
-    mine = (select(Review.case_id).where(Review.reviewer_id == reviewer.id, Review.verdict.is_not(None)))
-    query = (select(Case, Prediction, Review.id)
-             .join(latest, latest.c.case_id == Case.id)
-             .join(Prediction, and_(Prediction.case_id == Case.id, Prediction.updated_at == latest.c.at))
-             .outerjoin(Review, and_(Review.case_id == Case.id, Review.reviewer_id == reviewer.id))
-             .options(joinedload(Prediction.model_version))
-             .where(Case.status == "done", Case.withdrawn_at.is_(None), Case.id.not_in(mine)))
-    if sort == "uncertain":
-        query = query.order_by(func.abs(Prediction.probability - Prediction.threshold), Case.id)
-    elif sort == "oldest":
-        query = query.order_by(Case.created_at, Case.id)
-    else:
-        query = query.order_by(Case.created_at.desc(), Case.id.desc())
+    query = _ordered(_queue_query(reviewer), sort)
     rows = db.session.execute(query.offset((page - 1) * per_page).limit(per_page + 1)).unique().all()
     items = [QueueItem(case, p.probability, p.threshold, p.label, p.model_version.name, review_id is not None)
              for case, p, review_id in rows[:per_page]]
     return items, len(rows) > per_page
+
+
+def _after(sort: str, case_id: int):
+    """The condition "comes after case ``case_id`` in the queue's ``sort`` order", or None
+    when that case has no prediction to place it by."""
+    if sort == "uncertain":
+        key = db.session.scalar(select(_UNCERTAINTY).where(Prediction.case_id == case_id)
+                                .order_by(Prediction.updated_at.desc()).limit(1))
+        if key is None:
+            return None
+        return or_(_UNCERTAINTY > key, and_(_UNCERTAINTY == key, Case.id > case_id))
+    created = db.session.scalar(select(Case.created_at).where(Case.id == case_id))
+    if created is None:
+        return None
+    if sort == "oldest":
+        return or_(Case.created_at > created, and_(Case.created_at == created, Case.id > case_id))
+    return or_(Case.created_at < created, and_(Case.created_at == created, Case.id < case_id))
+
+
+def next_in_queue(reviewer: User, sort: str, after_case_id: int) -> int | None:
+    """The case ``reviewer`` should read after ``after_case_id`` in the queue's ``sort`` order.
+
+    The first unreviewed case that follows it in that order; when none follows, the
+    queue starts again from the top (cases skipped earlier, or new ones), never with
+    ``after_case_id`` itself. None when nothing else is waiting: the queue is done.
+    """
+    _check_sort(sort)
+    query = _queue_query(reviewer).where(Case.id != after_case_id)
+    after = _after(sort, after_case_id)
+    for candidate in ([query.where(after)] if after is not None else []) + [query]:
+        row = db.session.execute(_ordered(candidate, sort).limit(1)).first()
+        if row is not None:
+            return row[0].id
+    return None
+
+
+def queue_progress(reviewer: User) -> tuple[int, int]:
+    """(cases left for ``reviewer`` to review, cases open for review): "12 of 40 left"."""
+    reviewed = (select(Review.id).where(Review.case_id == Case.id, Review.reviewer_id == reviewer.id,
+                                        Review.verdict.is_not(None)).exists())
+    predicted = select(Prediction.id).where(Prediction.case_id == Case.id).exists()
+    total, done = db.session.execute(
+        select(func.count(Case.id), func.count(Case.id).filter(reviewed))
+        .where(Case.status == "done", Case.withdrawn_at.is_(None), predicted)).one()
+    return total - done, total

@@ -164,7 +164,7 @@ def test_the_uploader_withdraws_a_case_hidden_everywhere_but_kept(people):
     listing = doc.get("/cases").data.decode()  # the flash shown, the list itself
     assert "scan-1.png" in listing and "scan-2.png" not in listing
     queue = _client(app, "rev2@example.org").get("/reviews").data.decode()
-    assert f"/cases/{kept}#review" in queue and f"/cases/{gone}#review" not in queue
+    assert f"/cases/{kept}?queue=uncertain" in queue and f"/cases/{gone}?queue" not in queue
     # The uploader can still open it and read that it was withdrawn; no one may review it.
     assert b"This case was withdrawn" in doc.get(f"/cases/{gone}").data
     assert b"Save review" not in _client(app, "rev2@example.org").get(f"/cases/{gone}").data

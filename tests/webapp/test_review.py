@@ -190,7 +190,8 @@ def test_queue_lists_unreviewed_cases_most_uncertain_first_or_by_date(people, cl
 
     def order(sort=""):
         page = client.get(f"/reviews?sort={sort}" if sort else "/reviews").data.decode()
-        return [int(n) for n in re.findall(r'#review">#(\d+) ', page)]
+        # the links open the case page at the top, carrying the queue order for "Save & next"
+        return [int(n) for n in re.findall(r'/cases/\d+\?queue=\w+">#(\d+) ', page)]
 
     assert order() == [ids[3], ids[2], ids[0]]
     assert order("oldest") == [ids[0], ids[2], ids[3]]

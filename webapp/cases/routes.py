@@ -14,7 +14,7 @@ from webapp.intake import RerunRefused, receive_uploads, rerun_case
 from webapp.models import CASE_STATUSES, LABELS, Case, audit, utcnow
 from webapp.review.forms import BlindReadForm, ReviewForm
 from webapp.reviews import (REVIEWER_ROLES, ReviewRejected, blinded_case_ids, blinded_for, needs_blind_read,
-                            reading_seconds, review_panel)
+                            queue_progress, queue_sort, reading_seconds, review_panel)
 
 bp = Blueprint("cases", __name__)
 
@@ -100,6 +100,10 @@ def upload():
 @role_required(*ANY_ROLE)
 def case_page(case_id: int):
     case = _visible_case(case_id)
+    try:  # ?queue=ORDER: reached from the review queue in that order ("Save & next" follows it)
+        queue_sort(request.args.get("queue"))
+    except ReviewRejected as exc:
+        abort(400, description=f"{exc}.")
     page = render_case(case)
     record_case_view(case, current_user)  # who read which case: audited, throttled (webapp/audit_log.py)
     return page
@@ -118,7 +122,15 @@ def render_case(case: Case, status: int = 200, submitted: dict | None = None):
     review = review_panel(case, current_user)
     # Blinded review: no model output until the reviewer has given their own label.
     prediction = None if review.hide_model_output else case.latest_prediction
+    # The queue order this page was reached in (a link's ?queue= or the review form's field).
+    queue = request.values.get("queue") or None
+    try:
+        queue = queue_sort(queue) if queue else None
+    except ReviewRejected:
+        queue = None
+    progress = queue_progress(current_user) if current_user.has_role(*REVIEWER_ROLES) else None
     return render_template("cases/detail.html", case=case, prediction=prediction, review=review,
+                           queue=queue, progress=progress,
                            review_form=ReviewForm(), blind_form=BlindReadForm(), submitted=submitted,
                            may_rerun=_may_rerun(case) and case.withdrawn_at is None, rerun_form=RerunForm(),
                            may_withdraw=_may_withdraw(case), withdraw_form=WithdrawForm(),

@@ -18,6 +18,8 @@ class ReviewForm(FlaskForm):
     confidence = RadioField("Confidence", choices=[SelectChoice(c) for c in CONFIDENCES], validate_choice=False)
     comment = TextAreaField("Comment (optional)", validators=[Optional(), Length(max=2000)])
     opened = HiddenField()
+    queue = HiddenField()  # the queue order the reviewer came from, for "Save & next"
+    save_next = SubmitField("Save & next")
     submit = SubmitField("Save review")
 
 
@@ -25,6 +27,7 @@ class BlindReadForm(FlaskForm):
     label = RadioField("Your label", choices=[SelectChoice(k) for k in DETAILED_LABELS], validate_choice=False)
     confidence = RadioField("Confidence", choices=[SelectChoice(c) for c in CONFIDENCES], validate_choice=False)
     opened = HiddenField()
+    queue = HiddenField()
     submit = SubmitField("Save my label and show the model's output")
 
 
