@@ -76,6 +76,7 @@ class Deployment:
         self.secret_key = uuid.uuid4().hex + uuid.uuid4().hex
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.commands_run = 0
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -91,8 +92,9 @@ class Deployment:
     def command(self, machine: str, *args: str, stdin: str | None = None, timeout: float = 180,
                 **extra: str) -> str:
         """Run one `manage.py` command on ``machine``; its output (it must succeed)."""
-        log = self.root / f"{machine}-{args[0]}-{len(self.logs)}.log"
-        self.logs[f"{machine}: manage.py {' '.join(args[:2])}"] = log
+        self.commands_run += 1
+        log = self.root / f"{machine}-{self.commands_run:02d}-{args[0]}.log"
+        self.logs[f"{machine}: manage.py {' '.join(args[:2])} (#{self.commands_run})"] = log
         result = subprocess.run([sys.executable, str(PROJECT_ROOT / "manage.py"), *args], cwd=PROJECT_ROOT,
                                 env=self.env(machine, **extra), input=stdin, capture_output=True, text=True,
                                 timeout=timeout)
@@ -272,6 +274,10 @@ def _run(d: Deployment, checkpoint: Path, tmp_path: Path) -> None:
     for name in workers:
         _wait_for(lambda: " ready." in d.log(name), 90, f"{name} to be ready")
     pids = {name: p.pid for name, p in workers.items()}
+    # The workers' health check of docs/deploy.md: each answers a ping through the broker.
+    ping = subprocess.run([sys.executable, "-m", "celery", "-b", d.broker_url, "inspect", "ping", "--timeout", "10"],
+                          capture_output=True, text=True, timeout=60)
+    assert all(f"predict-{pid}@" in ping.stdout for pid in pids.values()), ping.stdout + ping.stderr
 
     doc = requests.Session()
     doc.headers["Authorization"] = f"Bearer {doc_token}"
