@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import io
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -419,10 +420,20 @@ def read_dicom(data: bytes, *, max_pixels: int, patient_key_secret: str | None =
                uid_salt: bytes = b"breast-review") -> DicomImage:
     """De-identify ``data`` (a DICOM file) and return its image as a PNG; raise
     DicomRejected with a message for the uploader when it cannot be used."""
+    # pydicom warns about every small deviation from the standard that it can read past;
+    # what it cannot read past raises, and that is what the uploader is told.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_dicom(data, max_pixels, patient_key_secret, uid_salt)
+
+
+def _read_dicom(data: bytes, max_pixels: int, patient_key_secret: str | None, uid_salt: bytes) -> DicomImage:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=data[MAGIC_OFFSET:MAGIC_OFFSET + 4] != MAGIC)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, OverflowError) as exc:
+    except InvalidDicomError as exc:
         raise DicomRejected(f"it is not a readable DICOM file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises many kinds of error
+        raise DicomRejected(f"it is not a readable DICOM file ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(ds, Dataset) or len(ds) == 0:
         raise DicomRejected("it is not a readable DICOM file")
     # Everything identifying is taken now, then removed before anything else happens.

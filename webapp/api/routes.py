@@ -287,7 +287,7 @@ def case_list():
         query = query.where(Case.status == status)
     if before:
         query = query.where(Case.id < before)
-    cases = list(db.session.scalars(query.order_by(Case.id.desc()).limit(limit + 1)).unique())
+    cases = list(db.session.scalars(query.order_by(Case.id.desc()).limit(limit + 1)))
     more = len(cases) > limit
     cases = cases[:limit]
     next_url = url_for("api.case_list", status=status, limit=limit, before=cases[-1].id) if more else None
