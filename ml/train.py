@@ -161,13 +161,21 @@ def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | Non
              criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
     """Uncalibrated malignancy probabilities for uint8 ``images`` and the mean loss (with
     ``criterion`` and ``targets``: 0/1 for one logit, class indices for several)."""
+    z, loss = evaluate_logits(model, images, targets, batch_size, device, mean, std, criterion)
+    return torch.sigmoid(torch.from_numpy(z)).numpy(), loss
+
+
+def evaluate_logits(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None,
+                    batch_size: int, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
+    """As ``evaluate``, but the malignancy logits (float64) themselves: calibration is fitted
+    on these, without the precision lost by a sigmoid and its inverse near 0 and 1."""
     output = model_outputs(model, images, batch_size, device, mean, std)
     loss = 0.0
     if criterion is not None and targets is not None and len(output):
         with torch.inference_mode():
             loss = float(criterion(output.flatten() if output.shape[1] == 1 else output, targets.cpu()).item())
-    z = model_malignancy_logit(model, output)
-    return torch.sigmoid(z).numpy().astype(np.float64), loss
+    return model_malignancy_logit(model, output).numpy().astype(np.float64), loss
 
 
 def _pos_weight(spec: str, targets: torch.Tensor) -> torch.Tensor | None:
@@ -310,7 +318,9 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                                           progress=cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}", ema=ema,
                                           scanner=cfg.scanner_augment)
         train_seconds = time.perf_counter() - t0
-        probs, val_loss = evaluate(scored, x_val, y_val_labels, 2 * cfg.batch_size, device, criterion=eval_criterion)
+        val_logit, val_loss = evaluate_logits(scored, x_val, y_val_labels, 2 * cfg.batch_size, device,
+                                              criterion=eval_criterion)
+        probs = 1.0 / (1.0 + np.exp(-val_logit))
         metrics = summarise(y_val.numpy(), probs, 0.5)
         metrics["loss"] = val_loss
         entry = EpochLog(epoch, optimizer.param_groups[0]["lr"], loss, acc, train_seconds, seen,
@@ -321,9 +331,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
         log.info("epoch %d train loss=%.3f acc=%.3f | val %s", epoch, loss, acc, _fmt(metrics))
         if metrics["roc_auc"] > best["roc_auc"]:
             y_np = y_val.numpy()
-            logit = np.log(np.clip(probs, 1e-12, None)) - np.log(np.clip(1 - probs, 1e-12, None))
-            calibration = fit_platt(logit, y_np)
-            p_cal = calibrated(logit, calibration)
+            calibration = fit_platt(val_logit, y_np)
+            p_cal = calibrated(val_logit, calibration)
             threshold = threshold_for_sensitivity(y_np, p_cal, cfg.target_sensitivity)
             at_op = summarise(y_np, p_cal, threshold)
             at_op["ece"] = expected_calibration_error(y_np, p_cal)
