@@ -301,9 +301,8 @@ def _runs_on_several_machines(settings: dict) -> bool:
     cannot be shared between machines) or a broker reached over the network."""
     from urllib.parse import urlsplit
 
-    broker = urlsplit(settings["CELERY_BROKER_URL"])
-    remote_broker = broker.scheme in ("redis", "rediss") and (broker.hostname or "") not in _LOCAL_HOSTS \
-        and not (broker.hostname or "").startswith("127.")
+    host = urlsplit(settings["CELERY_BROKER_URL"]).hostname or ""  # none for a Unix socket
+    remote_broker = host not in _LOCAL_HOSTS and not host.startswith("127.")
     return not settings["SQLALCHEMY_DATABASE_URI"].startswith("sqlite") or remote_broker
 
 

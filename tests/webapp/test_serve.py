@@ -126,6 +126,7 @@ def test_serve_refuses_the_embedded_broker(serve_env, monkeypatch):
 @pytest.mark.parametrize("database, broker", [
     ("postgresql://postgres@db.example.org/app", "redis://127.0.0.1:6379/0"),   # PostgreSQL
     (None, "redis://queue.example.org:6379/0"),                                  # a broker elsewhere
+    (None, "rediss://:password@10.1.2.3:6380/0"),                                # the same over TLS
 ])
 def test_serve_refuses_a_generated_or_short_secret_key_beyond_one_machine(serve_env, monkeypatch, database, broker):
     if database:
@@ -141,7 +142,8 @@ def test_serve_refuses_a_generated_or_short_secret_key_beyond_one_machine(serve_
     assert serve_refusal(load_config()) is None
 
 
-@pytest.mark.parametrize("broker", ["redis://127.0.0.1:6379/0", "redis://localhost/3", "redis+socket:///tmp/r.sock"])
+@pytest.mark.parametrize("broker", ["redis://127.0.0.1:6379/0", "redis://localhost/3", "rediss://[::1]:6380/0",
+                                    "redis+socket:///tmp/r.sock"])
 def test_one_machine_needs_no_secret_key_of_its_own(serve_env, monkeypatch, broker):
     # SQLite cannot be shared between machines and the broker is local: the key generated
     # into the instance folder is shared by every web process of this machine.
