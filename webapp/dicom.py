@@ -191,7 +191,7 @@ DEIDENTIFY_ACTIONS: dict[str, str] = {
     "TextString": "X",
     "IdentifyingComments": "X",
     "InterpretationText": "X",
-    "ImpressionText": "X",
+    "Impressions": "X",
     # Devices (identify the site; removed unless a "retain device identity" option)
     "DeviceSerialNumber": "X",
     "DetectorID": "X",

@@ -207,6 +207,10 @@ def test_the_profile_removes_and_replaces_identifying_attributes_everywhere():
     assert not [s for s in SECRETS if s.lower() in text.lower()]
     assert {"PatientName": "Z", "PatientID": "Z", "InstitutionName": "X",
             "StudyInstanceUID": "U"}.items() <= DEIDENTIFY_ACTIONS.items()
+    from pydicom.datadict import tag_for_keyword
+
+    # A misspelt keyword would silently protect nothing.
+    assert [k for k in DEIDENTIFY_ACTIONS if tag_for_keyword(k) is None] == []
 
 
 def test_the_patient_key_is_kept_only_with_a_secret_and_is_stable():
