@@ -6,7 +6,8 @@ import math
 from typing import Any
 
 # Keys whose values are counts even when a JSON round trip or an average made them floats.
-COUNT_KEYS = {"n", "n_positive", "n_negative", "tp", "fp", "tn", "fn", "epoch", "epochs", "files"}
+COUNT_KEYS = {"n", "n_positive", "n_negative", "tp", "fp", "tn", "fn", "epoch", "epochs", "best_epoch", "files",
+              "images", "cases", "reviews", "count", "support", "positives", "negatives", "seed", "input_size"}
 
 
 def figure(value: Any, key: str | None = None) -> str:
@@ -19,7 +20,7 @@ def figure(value: Any, key: str | None = None) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        is_count = key is not None and (key in COUNT_KEYS or key.startswith("n_"))
+        is_count = key is not None and (key in COUNT_KEYS or key.startswith("n_") or key.endswith("_count"))
         return str(int(round(value))) if is_count and value.is_integer() else f"{value:.3f}"
     if isinstance(value, dict):
         return ", ".join(f"{k.replace('_', ' ')}: {figure(v, k)}" for k, v in value.items()) or "none"

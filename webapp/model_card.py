@@ -1,10 +1,16 @@
 """The model card of a registered version: what it is for, what it learnt from, how it
-scored (with intervals) and what it must not be used for. Built from the registry row."""
+scored (with intervals, on which test set) and what it must not be used for. Built from
+the registry row, plus evaluations recorded for bundled checkpoints (demo/evaluations.json,
+keyed by the checkpoint's sha256)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+from webapp.config import PROJECT_ROOT
 from webapp.models import ModelVersion
 
 INTENDED_USE = ("Research and clinical-review support: flags breast ultrasound images as cancer or "
@@ -18,6 +24,51 @@ LIMITATIONS = (
     "Reviewer feedback is selected by which cases were reviewed, not a random sample.",
     "The heatmap shows where the model looked, not why; it can highlight borders or annotations.",
 )
+#: Evaluations of bundled checkpoints made after the file was written (the demo model's
+#: external test), keyed by sha256 so that no other file inherits them.
+RECORDED_EVALUATIONS = PROJECT_ROOT / "demo" / "evaluations.json"
+
+#: The metric rows of a card, in reading order, with the words shown for each.
+METRICS = (
+    ("roc_auc", "ROC-AUC"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
+    ("precision", "Precision (PPV)"), ("f1", "F1"), ("accuracy", "Accuracy"), ("pr_auc", "PR-AUC"),
+    ("brier", "Brier score"), ("ece", "Calibration error (ECE)"), ("threshold", "Threshold"),
+    ("n", "Images"), ("n_positive", "Cancer images"),
+    ("tp", "True positives"), ("fn", "False negatives"), ("tn", "True negatives"), ("fp", "False positives"),
+)
+_LABELS = dict(METRICS)
+
+
+def metric_label(key: str) -> str:
+    """The words for a metric key (``roc_auc`` -> ``ROC-AUC``; unknown keys spaced out)."""
+    return _LABELS.get(key, key.replace("_", " "))
+
+
+def metric_rows(values: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(key, label, value) per metric, known ones first in METRICS order, then any others
+    that are plain numbers; nested records (confusion matrices, curves) are left out."""
+    values = dict(values or {})
+    confusion = values.get("confusion")
+    if isinstance(confusion, dict):  # counts of the 2 x 2 table, one row each
+        for key in ("tp", "fn", "tn", "fp"):
+            values.setdefault(key, confusion.get(key))
+    rows = [(key, label, values[key]) for key, label in METRICS if values.get(key) is not None]
+    known = {key for key, _ in METRICS} | {"recall", "roc_auc_ci"}
+    rows += [(key, metric_label(key), value) for key, value in values.items()
+             if key not in known and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return rows
+
+
+@dataclass
+class TestEvaluation:
+    """Figures on one test set, and where they come from."""
+
+    test_set: str
+    source: str
+    metrics: dict[str, Any]
+    rows: list[tuple[str, str, Any]]
+    note: str | None = None
+    command: str | None = None
 
 
 @dataclass
@@ -30,15 +81,77 @@ class ModelCard:
     locked_test: dict[str, Any] = field(default_factory=dict)
     compared_with: dict[str, Any] | None = None
     promotion: dict[str, Any] | None = None
+    tests: list[TestEvaluation] = field(default_factory=list)  # locked / external test sets, if any
+    validation_rows: list[tuple[str, str, Any]] = field(default_factory=list)
+    validation_set: str = ""
+
+    @property
+    def headline_test(self) -> TestEvaluation | None:
+        return self.tests[0] if self.tests else None
+
+
+@lru_cache(maxsize=4)
+def _recorded(path: Path, mtime: float) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def recorded_evaluations(checksum: str, path: Path = RECORDED_EVALUATIONS) -> list[dict[str, Any]]:
+    """Evaluations recorded for the checkpoint with this sha256 (none for most versions)."""
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return []
+    found = _recorded(path, mtime).get(checksum) or []
+    return [e for e in found if isinstance(e, dict) and isinstance(e.get("metrics"), dict)]
+
+
+def _validation_set(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    n, positives = metrics.get("n"), metrics.get("n_positive")
+    size = f"{int(n)} images" if isinstance(n, (int, float)) else "size not recorded"
+    if isinstance(positives, (int, float)):
+        size += f", {int(positives)} cancer"
+    split = "the validation split held out during training"
+    if meta.get("target_sensitivity"):
+        split += f" (threshold chosen on it for sensitivity {float(meta['target_sensitivity']):.2f})"
+    return f"{split}: {size}. Optimistic: the threshold and the best epoch were chosen on these images."
+
+
+def _training(meta: dict[str, Any]) -> dict[str, Any]:
+    training = dict(meta.get("training_data") or {})
+    fingerprint = meta.get("data_fingerprint")
+    if isinstance(fingerprint, dict):  # a checkpoint trained by `manage.py train`
+        training.setdefault("files", fingerprint.get("n_files"))
+        if fingerprint.get("n_positive") is not None:
+            training.setdefault("n_positive", fingerprint.get("n_positive"))
+        training.setdefault("classes", ", ".join(fingerprint.get("classes") or []))
+    if meta.get("training_sites"):
+        training.setdefault("sites", "; ".join(meta["training_sites"]))
+    if meta.get("epoch") is not None:
+        training.setdefault("epoch", meta["epoch"])
+    calibration = meta.get("calibration")
+    if isinstance(calibration, dict) and calibration.get("method"):
+        training.setdefault("calibration", f"{calibration['method']} on {calibration.get('n', '?')} validation images")
+    return {k: v for k, v in training.items() if v not in (None, "")}
 
 
 def model_card(version: ModelVersion) -> ModelCard:
     """Everything the model card page shows for ``version``."""
     meta = version.meta or {}
-    training = dict(meta.get("training_data") or {})
-    fingerprint = meta.get("data_fingerprint")
-    if isinstance(fingerprint, dict):  # a checkpoint trained by `manage.py train`
-        training.setdefault("files", fingerprint.get("n_files"))
-        training.setdefault("classes", ", ".join(fingerprint.get("classes") or []))
-    return ModelCard(version=version, training_data=training, locked_test=meta.get("locked_test") or {},
-                     compared_with=meta.get("compared_with"), promotion=meta.get("promotion"))
+    locked = meta.get("locked_test") or {}
+    tests = []
+    if locked:
+        tests.append(TestEvaluation(
+            test_set=meta.get("locked_test_data") or "the locked test set given to 'manage.py retrain --locked-test'",
+            source="registry (evaluated when this version was trained)", metrics=locked, rows=metric_rows(locked)))
+    for item in recorded_evaluations(version.checksum):
+        tests.append(TestEvaluation(test_set=item.get("test_set") or "a recorded test set",
+                                    source=f"demo/evaluations.json (evaluated {item.get('evaluated_at', 'later')})",
+                                    metrics=item["metrics"], rows=metric_rows(item["metrics"]),
+                                    note=item.get("note"), command=item.get("command")))
+    metrics = dict(version.metrics or {})
+    return ModelCard(version=version, training_data=_training(meta), locked_test=locked,
+                     compared_with=meta.get("compared_with"), promotion=meta.get("promotion"), tests=tests,
+                     validation_rows=metric_rows(metrics), validation_set=_validation_set(meta, metrics))

@@ -46,7 +46,10 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> Interval | None:
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0/n and n/n the bound is exactly 0 or 1 (rounding would leave 0.9999999999999999).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def bootstrap_kappa_interval(groups: Sequence[Sequence[tuple[str, str]]], resamples: int = BOOTSTRAP_RESAMPLES,

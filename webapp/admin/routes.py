@@ -114,7 +114,8 @@ def users_unlock(user_id: int):
 @role_required("admin")
 def models():
     versions = db.session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc())).all()
-    return render_template("admin/models.html", versions=versions, form=ActivationForm())
+    return render_template("admin/models.html", versions=versions, form=ActivationForm(),
+                           cards={v.id: model_card(v) for v in versions})
 
 
 def _button_action(form, action, success, failure: str, back_to: str):
@@ -220,7 +221,7 @@ def audit_csv():
     """Every event matching the filters, as CSV (cells that a spreadsheet would run as a
     formula are prefixed with an apostrophe). The export itself is audited."""
     filters = _audit_filters()
-    audit("audit.export", actor=current_user, **filters.as_args())
+    audit("audit.export", actor=current_user, filters=filters.as_args())
     db.session.commit()
     return _csv_response(audit_csv_rows(filters), "audit-log.csv")
 
