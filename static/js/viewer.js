@@ -38,6 +38,7 @@
 
   function render() {
     var n = natural(), paneW = mainPane.clientWidth, paneH = mainPane.clientHeight;
+    viewport.style.setProperty("--image-aspect", n.w + " / " + n.h);  // pane shape on narrow screens
     var scale = fitScale() * view.zoom, w = n.w * scale, h = n.h * scale;
     // Smaller than the pane: centred. Larger: panned at most to its edges, never into a gap.
     view.x = w <= paneW ? (paneW - w) / 2 : clamp(view.x, paneW - w, 0);

@@ -265,9 +265,15 @@ def test_the_viewer_zooms_pans_swaps_and_goes_dark(served_app, make_browser):
 
     # A phone: everything stacked, nothing wider than the screen, the image still fitted.
     phone = make_browser(390, 844)
+    # Headless windows do not shrink below about 500 px: emulate the phone's screen itself.
+    phone.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                          {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
     sign_in(phone, served.base, "rev1@example.org")
     phone.get(f"{served.base}/cases/{case_id}")
     WebDriverWait(phone, 30).until(lambda d: "fit" in d.find_element(By.ID, "zoom-level").text)
+    assert phone.execute_script("return window.innerWidth") == 390
     assert phone.execute_script("return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
     assert _rect(phone, "review")["top"] >= _rect(phone, "viewer")["bottom"]
-    assert _rect(phone, "case-image")["width"] > 250
+    assert _rect(phone, "case-image")["width"] > 300
+    # The pane takes the image's proportions: no black bands above and below it.
+    assert abs(_rect(phone, "pane-main")["height"] - _rect(phone, "case-image")["height"]) < 2
