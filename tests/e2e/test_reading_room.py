@@ -191,6 +191,7 @@ def _rect(driver, element_id: str) -> dict:
 
 def test_the_viewer_zooms_pans_swaps_and_goes_dark(served_app, make_browser):
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -227,6 +228,12 @@ def test_the_viewer_zooms_pans_swaps_and_goes_dark(served_app, make_browser):
     assert after["left"] > before["left"] + 30 and after["top"] > before["top"] + 20
     _keys(browser, "0")
     assert abs(_rect(browser, "case-image")["width"] - fitted["width"]) < 1
+    # The mouse wheel zooms the image, not the page.
+    ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(browser.find_element(By.ID, "pane-main")),
+                                             0, -300).perform()
+    wait.until(lambda d: _rect(d, "case-image")["width"] > fitted["width"] * 1.3)
+    assert browser.execute_script("return window.scrollY") == 0
+    _keys(browser, "0")
     browser.find_element(By.ID, "zoom-out").click()
     assert _rect(browser, "case-image")["width"] < fitted["width"]
     browser.find_element(By.ID, "zoom-fit").click()
@@ -250,6 +257,14 @@ def test_the_viewer_zooms_pans_swaps_and_goes_dark(served_app, make_browser):
     _keys(browser, "h", "s")
     assert heatmap.is_displayed() and not browser.find_element(By.ID, "pane-side").is_displayed()
     assert browser.execute_script("return document.getElementById('heatmap').closest('.pane').id") == "pane-main"
+
+    # F: the viewer fills the screen, the image fitted to it; F again leaves.
+    _keys(browser, "f")
+    wait.until(lambda d: d.execute_script("return document.fullscreenElement && document.fullscreenElement.id") == "viewer")
+    screen_width = browser.execute_script("return document.getElementById('viewer').clientWidth")
+    wait.until(lambda d: _rect(d, "pane-main")["width"] > screen_width * 0.9)
+    _keys(browser, "f")
+    wait.until(lambda d: d.execute_script("return document.fullscreenElement") is None)
 
     # The dark reading-room theme: the whole page, remembered on the next page.
     light = browser.find_element(By.TAG_NAME, "body").value_of_css_property("background-color")
