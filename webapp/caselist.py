@@ -137,11 +137,12 @@ def review_cells(viewer: User, case_ids: list[int]) -> dict[int, ReviewCell]:
 
     Independent reads: a reviewer sees the consensus of a case only once their own review
     of it is saved (before that, the others' verdicts would anchor them); admins see every
-    consensus; clinicians see how many reviews there are, as their case page shows no
-    reviews. Blinded readers who have not reviewed a case see no consensus either.
+    consensus, except an admin reading blinded before their own label (as on the case
+    page); clinicians see how many reviews there are, as their case page shows no reviews.
     """
     from webapp.models import Review
     from webapp.review_stats import consensus
+    from webapp.reviews import blinded_case_ids
 
     if not case_ids:
         return {}
@@ -153,17 +154,18 @@ def review_cells(viewer: User, case_ids: list[int]) -> dict[int, ReviewCell]:
         labels.setdefault(case_id, []).append(label)
         if reviewer_id == viewer.id:
             mine.add(case_id)
+    blind = blinded_case_ids(viewer, case_ids)  # a blinded reader's cases before their blind read (no query otherwise)
     cells = {}
     for case_id in case_ids:
         given = labels.get(case_id, [])
         if viewer.role == "admin":
-            shown = True
+            shown = case_id not in blind
         elif viewer.role == "reviewer":
             shown = case_id in mine
         else:
             shown = False
         cells[case_id] = ReviewCell(len(given), consensus(given) if shown else None, shown,
-                                    waits_for_own=bool(given) and viewer.role == "reviewer" and not shown)
+                                    waits_for_own=bool(given) and viewer.role != "clinician" and not shown)
     return cells
 
 

@@ -188,6 +188,15 @@ def test_review_column_shows_the_consensus_only_where_the_reader_may_see_it(peop
     # After the second reviewer's own review: 1 against 1, no majority.
     review(app, case_id, "rev2@example.org", "agree")
     assert "2 reviews, no majority" in cell("rev2@example.org")
+    # An admin who reads blinded waits for their own label, as on the case page.
+    from webapp.accounts import find_user
+    from webapp.extensions import db
+
+    with app.app_context():
+        find_user("boss@example.org").blinded_review = True
+        db.session.commit()
+    assert "2 reviews" in cell("boss@example.org") and "no majority" not in cell("boss@example.org")
+    assert "consensus after your review" in cell("boss@example.org")
 
 
 # ------------------------------------------------------------------ statistics arithmetic
