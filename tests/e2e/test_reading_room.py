@@ -199,6 +199,10 @@ def test_the_viewer_zooms_pans_swaps_and_goes_dark(served_app, make_browser):
     served = served_app
     case_id = done_case(served, 0.7, 5, heatmap=True)
     browser = make_browser(1366, 900)
+    # Every Content-Security-Policy violation on every page is recorded (none may happen).
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+        "window.cspViolations = []; document.addEventListener('securitypolicyviolation',"
+        " function (e) { window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI); });")})
     sign_in(browser, served.base, "rev1@example.org")
     browser.get(f"{served.base}/cases/{case_id}")
     wait = WebDriverWait(browser, 30)
@@ -266,6 +270,8 @@ def test_the_viewer_zooms_pans_swaps_and_goes_dark(served_app, make_browser):
     _keys(browser, "f")
     wait.until(lambda d: d.execute_script("return document.fullscreenElement") is None)
 
+    assert browser.execute_script("return window.cspViolations") == []
+
     # The dark reading-room theme: the whole page, remembered on the next page.
     light = browser.find_element(By.TAG_NAME, "body").value_of_css_property("background-color")
     browser.find_element(By.ID, "theme-toggle").click()
@@ -277,6 +283,7 @@ def test_the_viewer_zooms_pans_swaps_and_goes_dark(served_app, make_browser):
     assert browser.find_element(By.ID, "theme-toggle").get_attribute("aria-pressed") == "true"
     browser.find_element(By.ID, "theme-toggle").click()
     assert browser.find_element(By.TAG_NAME, "body").value_of_css_property("background-color") == light
+    assert browser.execute_script("return window.cspViolations") == []
 
     # A phone: everything stacked, nothing wider than the screen, the image still fitted.
     phone = make_browser(390, 844)
