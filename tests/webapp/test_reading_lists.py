@@ -450,3 +450,11 @@ def _now():
     from webapp.models import utcnow
 
     return utcnow()
+
+
+def test_statistics_page_and_csv_with_no_reviews_yet(people):
+    boss = _client(people, "boss@example.org")
+    page = boss.get("/admin/review-statistics").data.decode()
+    assert "0 reviewed case(s)" in page and 'id="small-sample"' in page and "No reviews yet." in page
+    rows = list(csv.reader(io.StringIO(boss.get("/admin/review-statistics.csv").data.decode())))
+    assert rows[0][:4] == ["section", "model_version", "subject", "n"] and len(rows) > 1

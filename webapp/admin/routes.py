@@ -19,7 +19,7 @@ from webapp.extensions import db
 from webapp.model_card import model_card
 from webapp.models import ROLES, ModelVersion, User, audit
 from webapp.registry import RegistryError, find_version, promote, rollback
-from webapp.review_stats import UnknownVersion, review_statistics, statistics_by_version, statistics_csv_rows
+from webapp.review_stats import UnknownVersion, statistics_csv_rows, statistics_page
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -233,10 +233,10 @@ def review_statistics_csv():
     each, with its 95 % interval and the cases behind each disagreement. Audited."""
     version = request.args.get("version") or None
     try:
-        summary = review_statistics(version)
+        page = statistics_page(version)
     except UnknownVersion as exc:
         abort(404, description=f"No model version {exc}.")
-    rows = statistics_csv_rows(summary, statistics_by_version())
+    rows = statistics_csv_rows(page["stats"], page["per_version"])
     audit("review_statistics.export", actor=current_user, version=version or "all")
     db.session.commit()
     return _csv_response(([csv_cell(v) for v in row] for row in rows),
