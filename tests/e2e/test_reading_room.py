@@ -299,3 +299,48 @@ def test_the_viewer_zooms_pans_swaps_and_goes_dark(served_app, make_browser):
     assert _rect(phone, "case-image")["width"] > 300
     # The pane takes the image's proportions: no black bands above and below it.
     assert abs(_rect(phone, "pane-main")["height"] - _rect(phone, "case-image")["height"]) < 2
+
+
+def test_a_blinded_reader_skips_then_reads_blind_by_keyboard(served_app, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from webapp.accounts import find_user
+    from webapp.extensions import db
+
+    served = served_app
+    skipped, read = done_case(served, 0.55, 11), done_case(served, 0.7, 12)  # queue order: skipped, read
+    with served.app.app_context():
+        find_user("rev2@example.org").blinded_review = True
+        db.session.commit()
+        db.engine.dispose()
+    wait = WebDriverWait(browser, 30)
+    sign_in(browser, served.base, "rev2@example.org")
+    browser.get(f"{served.base}/cases/{skipped}?queue=uncertain")
+    wait.until(lambda d: d.find_elements(By.ID, "blind-form"))
+    assert "Model output" not in browser.page_source
+    _keys(browser, "n")  # next without saving
+    wait.until(lambda d: _case_id(d.current_url) == read)
+
+    for case_id, blind, confirm in ((read, ("3", "c"), ("a", "c")), (skipped, ("1", "u"), ("d", "1", "p"))):
+        wait.until(lambda d: d.find_elements(By.ID, "blind-form"))
+        _keys(browser, *blind)
+        _ctrl_enter(browser)  # saves the blind label; the model's output appears
+        wait.until(lambda d: d.find_elements(By.ID, "review-form"))
+        assert _case_id(browser.current_url) == case_id
+        assert browser.find_element(By.ID, "result-h").text == "Model output"
+        _keys(browser, *confirm)
+        _ctrl_enter(browser)  # Save & next: after the last case the queue wraps to the skipped one
+        wait.until(lambda d, was=case_id: _case_id(d.current_url) != was)
+
+    assert browser.current_url.endswith("/reviews?sort=uncertain")
+    assert "Queue done" in browser.find_element(By.CSS_SELECTOR, ".flashes").text
+    assert _reviews(served, "rev2@example.org") == {read: ("agree", "cancer", "certain", None),
+                                                    skipped: ("disagree", "normal", "probable", None)}
+    with served.app.app_context():  # the blind labels are kept beside the final answers
+        from sqlalchemy import select
+
+        from webapp.models import Review
+        blind = {r.case_id: r.blinded_label for r in db.session.scalars(select(Review))}
+        db.engine.dispose()
+    assert blind == {read: "cancer", skipped: "normal"}
