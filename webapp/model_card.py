@@ -32,7 +32,8 @@ RECORDED_EVALUATIONS = PROJECT_ROOT / "demo" / "evaluations.json"
 METRICS = (
     ("roc_auc", "ROC-AUC"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
     ("precision", "Precision (PPV)"), ("f1", "F1"), ("accuracy", "Accuracy"), ("pr_auc", "PR-AUC"),
-    ("brier", "Brier score"), ("ece", "Calibration error (ECE)"), ("threshold", "Threshold"),
+    ("brier", "Brier score"), ("ece", "Calibration error (ECE)"), ("ece_uncalibrated", "ECE before calibration"),
+    ("threshold", "Threshold"),
     ("n", "Images"), ("n_positive", "Cancer images"),
     ("tp", "True positives"), ("fn", "False negatives"), ("tn", "True negatives"), ("fp", "False positives"),
 )
@@ -125,7 +126,7 @@ def _training(meta: dict[str, Any]) -> dict[str, Any]:
     if isinstance(fingerprint, dict):  # a checkpoint trained by `manage.py train`
         training.setdefault("files", fingerprint.get("n_files"))
         if fingerprint.get("n_positive") is not None:
-            training.setdefault("n_positive", fingerprint.get("n_positive"))
+            training.setdefault("cancer_images", fingerprint.get("n_positive"))
         training.setdefault("classes", ", ".join(fingerprint.get("classes") or []))
     if meta.get("training_sites"):
         training.setdefault("sites", "; ".join(meta["training_sites"]))
