@@ -146,10 +146,16 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 CSV_COLUMNS = ("id", "when_utc", "actor", "action", "target_type", "target_id", "details")
 
 
+_PLAIN_NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
+
+
 def csv_cell(value: Any) -> str:
     """A value as a CSV cell that a spreadsheet will not run: text starting with = + - @
-    (or a tab / carriage return) gets a leading apostrophe (OWASP "CSV injection")."""
+    (or a tab / carriage return) gets a leading apostrophe (OWASP "CSV injection"). A plain
+    number such as -0.25 (a kappa can be negative) is left as it is: it is no formula."""
     text = "" if value is None else str(value)
+    if _PLAIN_NUMBER.fullmatch(text):
+        return text
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 

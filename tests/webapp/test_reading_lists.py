@@ -413,8 +413,9 @@ def test_audit_csv_is_filtered_guarded_against_formulas_and_admin_only(people):
     assert boss.get("/admin/audit.csv?from=bad").status_code == 400
     from webapp.audit_log import csv_cell
 
-    assert [csv_cell(v) for v in ("=1+2", "+1", "-1", "@A1", "\tx", "plain", None, 5)] == \
-        ["'=1+2", "'+1", "'-1", "'@A1", "'\tx", "plain", "", "5"]
+    assert [csv_cell(v) for v in ("=1+2", "+1+cmd", "-1+2", "@A1", "\tx", "-2-3", "plain", None, 5)] == \
+        ["'=1+2", "'+1+cmd", "'-1+2", "'@A1", "'\tx", "'-2-3", "plain", "", "5"]
+    assert [csv_cell(v) for v in ("-0.25", -1, "+3", "1e-05")] == ["-0.25", "-1", "+3", "1e-05"]  # plain numbers
 
 
 def test_case_views_are_recorded_once_per_user_and_case_per_window(people):
