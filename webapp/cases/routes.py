@@ -128,7 +128,8 @@ def render_case(case: Case, status: int = 200, submitted: dict | None = None):
         queue = queue_sort(queue) if queue else None
     except ReviewRejected:
         queue = None
-    progress = queue_progress(current_user) if current_user.has_role(*REVIEWER_ROLES) else None
+    # "12 of 40 left" while reading through the queue (counting is O(cases): not on every view).
+    progress = queue_progress(current_user) if queue and current_user.has_role(*REVIEWER_ROLES) else None
     return render_template("cases/detail.html", case=case, prediction=prediction, review=review,
                            queue=queue, progress=progress,
                            review_form=ReviewForm(), blind_form=BlindReadForm(), submitted=submitted,
