@@ -104,7 +104,7 @@ def blind_read(case_id: int):
 @bp.get("/reviews/next")
 @role_required(*REVIEWER_ROLES)
 def next_case():
-    """"Next" without saving: the case after ``after`` in the queue order ``queue``."""
+    """Next case without saving: the one after ``after`` in the queue order ``queue``."""
     try:
         after = int(request.args.get("after", ""))
     except ValueError:
