@@ -99,7 +99,7 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
     except ImageRejected:
         raise
     except UnidentifiedImageError:
-        raise ImageRejected("it is not an image file (PNG or JPEG expected)") from None
+        raise ImageRejected("it is not an image file (PNG, JPEG or DICOM expected)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRejected(f"the image has too many pixels (limit {max_pixels:,})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -163,7 +163,7 @@ def test_upload_errors_are_clear_json(make_app):
         assert response.is_json and response.get_json()["message"], what
         check_response(document, "POST", "/api/v1/cases", response)
     assert answers["not an image"].get_json()["rejected"] == [
-        {"filename": "scan.png", "reason": "it is not an image file (PNG or JPEG expected)"}]
+        {"filename": "scan.png", "reason": "it is not an image file (PNG, JPEG or DICOM expected)"}]
     mixed = _upload(client, doc, ("good.png", image_bytes()), ("bad.png", b"nope"))
     assert mixed.status_code == 201 and len(mixed.get_json()["cases"]) == 1
     assert mixed.get_json()["rejected"][0]["filename"] == "bad.png"

@@ -76,7 +76,7 @@ def test_bad_files_are_refused_with_reasons_and_the_good_ones_go_through(app, cl
                        follow_redirects=True)
     assert response.status_code == 200
     text = response.data.decode()
-    assert "notes.txt was not accepted: it is not an image file (PNG or JPEG expected)" in text
+    assert "notes.txt was not accepted: it is not an image file (PNG, JPEG or DICOM expected)" in text
     assert "broken.png was not accepted: the image is damaged or incomplete" in text
     assert "anim.gif was not accepted: it is a GIF image; only PNG and JPEG are accepted" in text
     assert "empty.png was not accepted: the file is empty" in text
@@ -96,7 +96,7 @@ def test_no_file_chosen_is_a_400_with_a_message(app, client):
     add_user(app, "doc@example.org")
     login(client, "doc@example.org")
     response = client.post("/cases/upload", data={"note": "x"})
-    assert response.status_code == 400 and b"Choose at least one PNG or JPEG file" in response.data
+    assert response.status_code == 400 and b"Choose at least one PNG, JPEG or DICOM file" in response.data
 
 
 def test_decompression_bomb_is_refused_before_decoding(make_app):

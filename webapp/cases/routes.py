@@ -72,7 +72,7 @@ def upload():
         return render_template("cases/upload.html", form=form), status
     files = [(f.filename, f.read()) for f in request.files.getlist(form.images.name) if f and f.filename]
     if not files:
-        form.images.errors = ["Choose at least one PNG or JPEG file."]
+        form.images.errors = ["Choose at least one PNG, JPEG or DICOM file."]
         return render_template("cases/upload.html", form=form), 400
     outcome = receive_uploads(files, form.note.data, current_user, allow_duplicate=form.allow_duplicate.data)
     for name, same in outcome.duplicates:
