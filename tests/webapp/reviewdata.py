@@ -2,7 +2,7 @@
 real database (the worker that normally writes them is tested in tests/worker)."""
 from __future__ import annotations
 
-from tests.appfixtures import image_bytes
+from tests.appfixtures import add_user, image_bytes, login
 
 
 def model_version(app, name: str = "m1", threshold: float = 0.5, active: bool = True) -> int:
@@ -54,3 +54,21 @@ def review(app, case_id: int, email: str, verdict: str, label: str | None = None
         user = find_user(email)
         token = reading_token(case_id, user.id, time.time() - seconds_ago)
         return submit_review(db.session.get(Case, case_id), user, verdict, label, confidence, comment, token).id
+
+
+PEOPLE = (("doc@example.org", "clinician"), ("doc2@example.org", "clinician"), ("rev@example.org", "reviewer"),
+          ("rev2@example.org", "reviewer"), ("boss@example.org", "admin"))
+
+
+def add_people(app):
+    """Two clinicians, two reviewers and an admin (see PEOPLE); returns ``app``."""
+    for email, role in PEOPLE:
+        add_user(app, email, role)
+    return app
+
+
+def signed_in(app, email: str):
+    """A test client signed in as ``email``."""
+    client = app.test_client()
+    login(client, email)
+    return client

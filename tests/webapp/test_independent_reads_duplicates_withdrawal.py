@@ -8,24 +8,16 @@ import re
 import pytest
 from sqlalchemy import select
 
-from tests.appfixtures import add_user, csrf_token, image_bytes, login
-from tests.webapp.reviewdata import finished_case, model_version, review
+from tests.appfixtures import add_user, csrf_token, image_bytes
+from tests.webapp.reviewdata import add_people, finished_case, model_version, review, signed_in
 
 
 @pytest.fixture
 def people(app):
-    add_user(app, "doc@example.org")
-    add_user(app, "doc2@example.org")
-    add_user(app, "rev@example.org", "reviewer")
-    add_user(app, "rev2@example.org", "reviewer")
-    add_user(app, "boss@example.org", "admin")
-    return app
+    return add_people(app)
 
 
-def _client(app, email):
-    client = app.test_client()
-    login(client, email)
-    return client
+_client = signed_in
 
 
 def _cases(app):

@@ -12,26 +12,17 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from tests.appfixtures import add_user, login
-from tests.webapp.reviewdata import finished_case, model_version, review
+from tests.webapp.reviewdata import add_people, finished_case, model_version, review, signed_in
 
 DEMO_SHA256 = "3a2ba9857afa39ecd296a31bd0b71d426818454b7f5dc7a35151c8c6c8a3ae49"
 
 
 @pytest.fixture
 def people(app):
-    add_user(app, "doc@example.org")
-    add_user(app, "doc2@example.org")
-    add_user(app, "rev@example.org", "reviewer")
-    add_user(app, "rev2@example.org", "reviewer")
-    add_user(app, "boss@example.org", "admin")
-    return app
+    return add_people(app)
 
 
-def _client(app, email):
-    client = app.test_client()
-    login(client, email)
-    return client
+_client = signed_in
 
 
 def _queued_case(app, uploader="doc@example.org", seed=50) -> int:
