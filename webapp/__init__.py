@@ -120,7 +120,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     if isinstance(dbapi_connection, sqlite3.Connection):
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        # 30 s, unless the engine was given another timeout (connect_args={"timeout": ...}):
+        # Python's sqlite3 default is 5 s, so any other value was asked for and is kept.
+        if cursor.execute("PRAGMA busy_timeout").fetchone()[0] == 5000:
+            cursor.execute("PRAGMA busy_timeout=30000")
         # FULL: a commit is on disk before it returns. Under WAL, NORMAL can lose the last
         # commits on a power loss, and those are reviews, i.e. expert time (docs/operations.md).
         cursor.execute("PRAGMA synchronous=FULL")
