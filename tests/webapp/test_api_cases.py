@@ -55,3 +55,20 @@ def test_the_list_pages_newest_first_and_leaves_out_withdrawn_cases(app, client)
     # Someone who may not see the case learns nothing, withdrawn or not.
     assert client.get(withdrawn, headers=bearer(other)).status_code == 404
     assert client.get(f"/api/v1/cases/{mine[0]}", headers=bearer(other)).status_code == 404
+
+
+def test_reading_a_case_through_the_api_is_audited_as_a_view(app, client):
+    from sqlalchemy import select
+
+    from webapp.extensions import db
+    from webapp.models import AuditEvent
+
+    add_user(app, "doc@example.org")
+    token = make_token(app, "doc@example.org")
+    case_id = _upload(client, token, 7)
+    for _ in range(2):  # the second read falls in the same window: one event
+        assert client.get(f"/api/v1/cases/{case_id}", headers=bearer(token)).status_code == 200
+    with app.app_context():
+        events = [(e.actor.email, e.target_id) for e in db.session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "case.viewed"))]
+    assert events == [("doc@example.org", case_id)]

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from webapp.audit_log import record_case_view
 from webapp.api.openapi import openapi_document
 from webapp.api.tokens import TokenError, user_for_secret
 from webapp.extensions import db
@@ -325,7 +326,10 @@ def case_create():
 @bp.get("/cases/<int:case_id>")
 @token_required(*ANY_ROLE)
 def case_detail(case_id: int):
-    return _case_json(_visible_case(case_id), g.api_user)
+    case = _visible_case(case_id)
+    body = _case_json(case, g.api_user)
+    record_case_view(case, g.api_user)  # as the case page does: audited, throttled (webapp/audit_log.py)
+    return body
 
 
 _KEYS = {"heatmap": "heatmap_key", "overlay": "overlay_key"}
