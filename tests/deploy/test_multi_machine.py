@@ -27,10 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.appfixtures import image_bytes, redis_available
+from tests.appfixtures import image_bytes, postgres_available, redis_available, scratch_postgres_database
 from webapp.config import PROJECT_ROOT
 
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PASSWORD = "password-123"
 SUCCEEDED = re.compile(r"Task worker\.tasks\.predict_case\[[0-9a-f-]+\] succeeded in [0-9.e-]+s: 'done'")
 # Settings this test chooses for every process; the caller's environment must not leak in.
@@ -40,20 +39,10 @@ SETTINGS = ("INSTANCE_PATH", "DATABASE_URL", "CELERY_BROKER_URL", "TASK_QUEUE", 
             "UPLOADS_PER_USER_PER_MINUTE", "MAX_FILES_PER_UPLOAD")
 
 
-def _postgres_available() -> bool:
-    try:
-        import psycopg2
-
-        psycopg2.connect(PG_ADMIN_URL, connect_timeout=2).close()
-        return True
-    except Exception:
-        return False
-
-
 pytestmark = [
     pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow,
     pytest.mark.skipif(not redis_available(), reason="no Redis server on 127.0.0.1:6379"),
-    pytest.mark.skipif(not _postgres_available(), reason="no PostgreSQL on 127.0.0.1:5432 (user postgres, trust)"),
+    pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL on 127.0.0.1:5432 (user postgres, trust)"),
 ]
 
 
@@ -137,27 +126,20 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path):
-    import psycopg2
     import redis
 
-    name = f"breast_review_deploy_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(PG_ADMIN_URL)
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    # A Redis database number and a queue name of our own: parallel runs do not meet.
+    # A database, a Redis database number and a queue name of our own: parallel runs do not meet.
     redis_db = random.randint(1, 15)
     queue = f"deploy-{uuid.uuid4().hex[:12]}"
-    deployment = Deployment(tmp_path, f"postgresql://postgres@127.0.0.1:5432/{name}",
-                            f"redis://127.0.0.1:6379/{redis_db}", queue)
-    try:
-        yield deployment
-    finally:
-        deployment.stop_all()
-        client = redis.Redis(host="127.0.0.1", port=6379, db=redis_db)
-        client.delete(queue, *client.keys(f"_kombu.binding.{queue}*"))
-        client.close()
-        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with scratch_postgres_database("breast_review_deploy") as database_url:
+        deployment = Deployment(tmp_path, database_url, f"redis://127.0.0.1:6379/{redis_db}", queue)
+        try:
+            yield deployment
+        finally:
+            deployment.stop_all()
+            client = redis.Redis(host="127.0.0.1", port=6379, db=redis_db)
+            client.delete(queue, *client.keys(f"_kombu.binding.{queue}*"))
+            client.close()
 
 
 @pytest.fixture(scope="module")

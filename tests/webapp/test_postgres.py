@@ -2,49 +2,27 @@
 from __future__ import annotations
 
 import io
-import uuid
 
 import pytest
 from sqlalchemy import select
 
-from tests.appfixtures import add_user, image_bytes, login
-
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _postgres_available() -> bool:
-    try:
-        import psycopg2
-
-        psycopg2.connect(ADMIN_URL, connect_timeout=2).close()
-        return True
-    except Exception:
-        return False
-
+from tests.appfixtures import add_user, image_bytes, login, postgres_available, scratch_postgres_database
 
 pytestmark = [pytest.mark.postgres,
-              pytest.mark.skipif(not _postgres_available(), reason="no PostgreSQL on 127.0.0.1:5432 (user postgres)")]
+              pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL on 127.0.0.1:5432 (user postgres)")]
 
 
 @pytest.fixture
 def pg_app(make_app):
-    import psycopg2
+    with scratch_postgres_database("breast_review_test") as url:
+        app = make_app(SQLALCHEMY_DATABASE_URI=url, SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True})
+        try:
+            yield app
+        finally:
+            with app.app_context():
+                from webapp.extensions import db
 
-    name = f"breast_review_test_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(ADMIN_URL)
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    app = make_app(SQLALCHEMY_DATABASE_URI=f"postgresql://postgres@127.0.0.1:5432/{name}",
-                   SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True})
-    try:
-        yield app
-    finally:
-        with app.app_context():
-            from webapp.extensions import db
-
-            db.engine.dispose()
-        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+                db.engine.dispose()
 
 
 def test_migrations_upload_list_and_one_active_model_on_postgresql(pg_app):
