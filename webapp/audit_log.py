@@ -159,14 +159,14 @@ def csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def audit_csv_rows(filters: AuditFilters) -> Iterator[list[str]]:
-    """The header, then every matching event, newest first, as CSV cells (read in batches)."""
+def audit_csv_rows(filters: AuditFilters) -> Iterator[list[Any]]:
+    """The header, then every matching event, newest first, as rows of values (read in
+    batches; the CSV writer guards each cell with ``csv_cell``)."""
     yield list(CSV_COLUMNS)
     query = _query(filters).order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
     for event in db.session.scalars(query.execution_options(yield_per=500)):  # many-to-one join: no duplicates
-        yield [csv_cell(v) for v in (event.id, event.created_at.strftime("%Y-%m-%d %H:%M:%S"), actor_name(event),
-                                     event.action, event.target_type, event.target_id,
-                                     json.dumps(event.details or {}, sort_keys=True, default=str))]
+        yield [event.id, event.created_at.strftime("%Y-%m-%d %H:%M:%S"), actor_name(event), event.action,
+               event.target_type, event.target_id, json.dumps(event.details or {}, sort_keys=True, default=str)]
 
 
 # ------------------------------------------------------------------ case views

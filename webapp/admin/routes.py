@@ -201,12 +201,13 @@ def audit_log():
 
 
 def _csv_response(rows, filename: str) -> Response:
-    """Stream ``rows`` (lists of cells, already guarded) as a CSV download."""
+    """Stream ``rows`` (lists of values) as a CSV download, every cell guarded against
+    spreadsheet formulas (``csv_cell``)."""
     def generate():
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         for row in rows:
-            writer.writerow(row)
+            writer.writerow([csv_cell(value) for value in row])
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()
@@ -239,5 +240,4 @@ def review_statistics_csv():
     rows = statistics_csv_rows(page["stats"], page["per_version"])
     audit("review_statistics.export", actor=current_user, version=version or "all")
     db.session.commit()
-    return _csv_response(([csv_cell(v) for v in row] for row in rows),
-                         f"review-statistics-{version or 'all'}.csv")
+    return _csv_response(rows, f"review-statistics-{version or 'all'}.csv")
