@@ -350,7 +350,7 @@ def _identifiers(ds: Dataset) -> tuple[str, ...]:
     return tuple(sorted(found, key=len, reverse=True))
 
 
-def clean_filename(name: str, identifiers: tuple[str, ...]) -> str:
+def mask_identifiers(name: str, identifiers: tuple[str, ...]) -> str:
     """``name`` with every identifying string of the file (case-insensitive) replaced."""
     for value in identifiers:
         name = re.sub(re.escape(value), "x", name, flags=re.IGNORECASE)

@@ -125,7 +125,7 @@ def prepare_upload(filename: str | None, data: bytes) -> PreparedImage:
         except dicom.DicomRejected as exc:
             raise ImageRejected(str(exc)) from None
         # A PACS export often names files after the patient: the name shown is cleaned too.
-        name = display_name(dicom.clean_filename(name, image.identifiers))
+        name = display_name(dicom.mask_identifiers(name, image.identifiers))
         return PreparedImage(image.png, ImageInfo("PNG", image.width, image.height), name, {
             "source_format": "DICOM", "dicom_meta": image.meta,
             "burned_in_annotation": image.burned_in_annotation, "patient_key": image.patient_key})
