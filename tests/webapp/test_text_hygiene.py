@@ -47,27 +47,16 @@ def test_user_emails_with_control_characters_are_refused(app):
 
 
 def test_control_and_bidi_characters_on_postgresql(make_app):
-    from tests.webapp.test_postgres import _postgres_available
+    from tests.appfixtures import postgres_available, scratch_postgres_database
 
-    if not _postgres_available():
+    if not postgres_available():
         pytest.skip("no PostgreSQL on 127.0.0.1:5432 (user postgres)")
-    import uuid
+    import flask_migrate
 
-    import psycopg2
+    from webapp import MIGRATIONS_DIR
 
-    from tests.webapp.test_postgres import ADMIN_URL
-
-    name = f"breast_review_test_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(ADMIN_URL)
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    try:
-        app = make_app(SQLALCHEMY_DATABASE_URI=f"postgresql://postgres@127.0.0.1:5432/{name}",
-                       SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True})
-        import flask_migrate
-
-        from webapp import MIGRATIONS_DIR
-
+    with scratch_postgres_database("breast_review_test") as url:
+        app = make_app(SQLALCHEMY_DATABASE_URI=url, SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True})
         with app.app_context():
             flask_migrate.upgrade(directory=str(MIGRATIONS_DIR))
         client = app.test_client()
@@ -78,6 +67,3 @@ def test_control_and_bidi_characters_on_postgresql(make_app):
             from webapp.extensions import db
 
             db.engine.dispose()
-    finally:
-        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
