@@ -87,9 +87,18 @@ def judge(predictor: Predictor, folder: Path, site: str, groups: list[str] | Non
 def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict:
     merged = link_folder(work / "train", [f for s in train_sites for f in site_files(s)])
     out = work / "model.pt"
+    masks = None
+    if args.masks:  # the training sites' radiologists' masks, linked under the merged names
+        masks = work / "masks"
+        masks.mkdir()
+        for s in train_sites:
+            for f in sorted((DATA / "masks" / s).glob("*.png")) if (DATA / "masks" / s).is_dir() else []:
+                os.symlink(f.resolve(), masks / f"{s}__{f.name}")
     cfg = TrainConfig(data=str(merged), out=str(out), epochs=10_000, img_size=args.img_size,
                       batch_size=32, seed=args.seed, time_limit_min=args.minutes, patience=10_000,
-                      ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment)
+                      ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment,
+                      masks=str(masks) if masks else None, mask_weight=args.mask_weight,
+                      layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment)
     t0 = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - t0) / 60
@@ -99,7 +108,9 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     groups = near_duplicate_groups(cache.images)
     _, val_idx = train_val_split(cache.targets.numpy().astype(int), cfg.val_split, cfg.seed, groups)
     predictor = Predictor.from_checkpoint(out, "cpu")
-    report = {"train_sites": train_sites, "scanner_augment": args.scanner_augment, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
+    report = {"train_sites": train_sites, "scanner_augment": args.scanner_augment,
+              "masks": bool(masks), "mask_weight": args.mask_weight if masks else 0.0,
+              "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"]), "sites": {}}
     for site in train_sites:
         files = [(site, Path(os.readlink(cache.paths[i])), index.class_names[int(cache.classes[i])])
@@ -112,7 +123,12 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
 
 
 def show(report: dict) -> None:
-    print(f"trained on {' + '.join(report['train_sites'])}{' with scanner augmentation' if report['scanner_augment'] else ''}: "
+    extras = [x for x, on in (("scanner augmentation", report["scanner_augment"]),
+                              (f"lesion masks (weight {report.get('mask_weight')})", report.get("masks")),
+                              ("layer4 stride 1", report.get("layer4_stride") == 1),
+                              (f"aspect augmentation {report.get('aspect_augment')}",
+                               (report.get("aspect_augment") or 1.0) > 1.0)) if on]
+    print(f"trained on {' + '.join(report['train_sites'])}{' with ' + ', '.join(extras) if extras else ''}: "
           f"{report['epochs_run']} epochs in "
           f"{report['minutes']} min, best epoch {report['best_epoch']}")
     print(f"{'site':42} {'n':>4} {'mal':>4} {'ROC-AUC (95% CI, by patient)':>30} {'sens':>6} {'spec':>6} {'ECE':>6} {'class acc':>9}")
@@ -129,6 +145,12 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.99)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scanner-augment", action="store_true", help="train with ml.augment.scanner_shift")
+    ap.add_argument("--masks", action="store_true",
+                    help="lesion-attention loss on the training sites' masks (<data>/masks/<site>/)")
+    ap.add_argument("--mask-weight", type=float, default=1.0)
+    ap.add_argument("--aspect-augment", type=float, default=1.0,
+                    help="random width/height stretch up to this ratio (1 = off)")
+    ap.add_argument("--layer4-stride", type=int, default=2, choices=(1, 2))
     ap.add_argument("--loso", action="store_true", help="leave-one-site-out: one run per held-out site")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write the reports here")

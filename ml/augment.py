@@ -17,8 +17,18 @@ import torch.nn.functional as F
 def augment_batch(batch: torch.Tensor, generator: torch.Generator | None = None,
                   max_rotate_deg: float = 12.0, zoom: tuple[float, float] = (0.9, 1.15),
                   max_shift: float = 0.06, p_flip: float = 0.5, brightness: float = 0.15,
-                  contrast: float = 0.2, gamma: float = 0.2, noise: float = 0.05) -> torch.Tensor:
-    """uint8 N x 3 x H x W in, float32 in [0, 255] out (same shape), randomly transformed."""
+                  contrast: float = 0.2, gamma: float = 0.2, noise: float = 0.05,
+                  masks: torch.Tensor | None = None, max_aspect: float = 1.0):
+    """uint8 N x 3 x H x W in, float32 in [0, 255] out (same shape), randomly transformed.
+
+    ``max_aspect`` > 1 also stretches each image horizontally against vertically by a ratio
+    drawn log-uniformly from [1/max_aspect, max_aspect] (area kept): sites export frames of
+    other shapes (4:3 to 16:9) that a square resize squashes differently, so a lesion's
+    width-to-height ratio alone must not decide. 1 draws nothing (the same random stream
+    as before the option existed).
+
+    With ``masks`` (N x 1 x H x W, 0/255) the same geometric transform is applied to them and
+    ``(images, masks)`` is returned, masks as float32 in [0, 1]."""
     n = batch.shape[0]
     g = generator
     x = batch.float()
@@ -34,8 +44,15 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator | None = None,
         torch.stack([cos * flip, -sin, uniform(-max_shift, max_shift) * 2], dim=1),
         torch.stack([sin * flip, cos, uniform(-max_shift, max_shift) * 2], dim=1),
     ], dim=1)
+    if max_aspect > 1.0:
+        log_r = uniform(-math.log(max_aspect), math.log(max_aspect))
+        theta[:, :, 0] = theta[:, :, 0] * torch.exp(log_r / 2).view(n, 1)
+        theta[:, :, 1] = theta[:, :, 1] * torch.exp(-log_r / 2).view(n, 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if masks is not None:
+        masks = F.grid_sample(masks.float() / 255.0, grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False)
 
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     c = uniform(1 - contrast, 1 + contrast).view(n, 1, 1, 1)
@@ -47,7 +64,8 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator | None = None,
         # one grey noise field per image, shared across channels (the images are grey)
         speckle = 1 + noise * torch.randn(n, 1, x.shape[2], x.shape[3], generator=g)
         x = x * speckle
-    return x.clamp(0, 255)
+    x = x.clamp(0, 255)
+    return x if masks is None else (x, masks)
 
 
 def scanner_shift(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.8,

@@ -133,7 +133,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     num_outputs = int(meta.get("num_outputs") or 1)
     positive = positive_outputs(meta) if num_outputs > 1 else None
     try:
-        model = build_model("none", num_outputs, positive)
+        model = build_model("none", num_outputs, positive, int(meta.get("layer4_stride") or 2))
     except MLError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}

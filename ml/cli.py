@@ -48,6 +48,10 @@ def _logging(verbose: bool) -> None:
 @click.option("--classes", default="auto", show_default=True, type=click.Choice(["auto", "binary"]), help="auto: one output per class folder when there are 3 or more (e.g. normal/benign/malignant); binary: malignant vs the rest")
 @click.option("--no-augment", is_flag=True, help="turn off train-time augmentation")
 @click.option("--scanner-augment", is_flag=True, help="also mimic other scanners: resolution, blur, depth gain, coarse speckle")
+@click.option("--aspect-augment", default=1.0, show_default=True, type=click.FloatRange(1.0, 3.0), help="stretch width against height at random by up to this ratio (e.g. 1.5), so a site's frame shape does not teach lesion shape")
+@click.option("--masks", type=click.Path(exists=True, file_okay=False), help="folder of lesion masks (PNG, named as the images, 255 = lesion): adds a loss that keeps the class activation map on the lesion")
+@click.option("--mask-weight", default=1.0, show_default=True, type=click.FloatRange(0), help="weight of the lesion-attention loss")
+@click.option("--layer4-stride", type=click.Choice(["1", "2"]), default=None, help="1: an 8 x 8 last feature map at 128 px (finer heatmaps); default: the starting weights' stride, else 2")
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="validate and save an exponential moving average of the weights with this decay (e.g. 0.99); 0 = off")
 @click.option("--time-limit", "time_limit_min", type=click.FloatRange(0, min_open=True), help="stop after this many minutes (checked after each epoch)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
@@ -60,6 +64,8 @@ def train(quiet: bool, no_group_duplicates: bool, no_augment: bool, positive_cla
     _logging(not quiet)
     from ml.train import TrainConfig, fit
 
+    if opts.get("layer4_stride"):
+        opts["layer4_stride"] = int(opts["layer4_stride"])
     cfg = TrainConfig(**opts, positive_classes=list(positive_classes) or None,
                       group_duplicates=not no_group_duplicates, augment=not no_augment, progress=not quiet)
 

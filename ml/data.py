@@ -203,6 +203,35 @@ def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: 
                         torch.tensor(classes, dtype=torch.int64))
 
 
+def load_masks(paths: Sequence[Path], mask_dir: str | Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lesion masks for the images at ``paths``: (N x 1 x size x size uint8, N bool "has a mask").
+
+    ``mask_dir`` holds one grey PNG per image with a lesion, named as the image (or its stem
+    plus ``.png``), in any sub-folder: 255 (over 127) = lesion. It is resized square exactly
+    like the image, so mask and image stay aligned. Images without a mask get zeros and
+    ``False``: no supervision, not "no lesion".
+    """
+    root = Path(mask_dir)
+    if not root.is_dir():
+        raise DataError(f"mask folder {root} does not exist")
+    found = {p.name: p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    masks = torch.zeros(len(paths), 1, size, size, dtype=torch.uint8)
+    has = torch.zeros(len(paths), dtype=torch.bool)
+    for i, path in enumerate(paths):
+        file = found.get(Path(path).name) or found.get(Path(path).stem + ".png")
+        if file is None:
+            continue
+        try:
+            with Image.open(file) as img:
+                grey = img.convert("L").resize((size, size), Image.BILINEAR, reducing_gap=None)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataError(f"cannot read mask {file}: {exc}") from exc
+        m = torch.from_numpy((np.asarray(grey) > 127).astype(np.uint8) * 255)
+        if m.any():
+            masks[i, 0], has[i] = m, True
+    return masks, has
+
+
 # ---------------------------------------------------------------- near-duplicates and splits
 
 def difference_hash(images: torch.Tensor, bits: int = 16) -> np.ndarray:

@@ -23,7 +23,7 @@ class WeightsUnavailableError(MLError):
 
 
 def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
-                positive_outputs: tuple[int, ...] | None = None) -> nn.Module:
+                positive_outputs: tuple[int, ...] | None = None, layer4_stride: int = 2) -> nn.Module:
     """Return ResNet18 with its 1000-way fc replaced by ``num_outputs`` logits.
 
     ``weights`` is ``"none"`` (random init), ``"imagenet"`` (torchvision's weights API;
@@ -32,6 +32,9 @@ def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
     is kept only when it has ``num_outputs`` rows). ``positive_outputs`` names the outputs
     that mean malignant when ``num_outputs > 1`` (stored on the model for
     :func:`malignancy_logit`).
+
+    ``layer4_stride=1`` keeps layer4 at layer3's resolution (8 x 8 instead of 4 x 4 at a
+    128 px input; see :func:`set_layer4_stride`). The weights are the same either way.
     """
     if num_outputs < 1 or num_outputs == 2:
         raise MLError("num_outputs must be 1 (binary) or the number of classes (3 or more)")
@@ -46,7 +49,32 @@ def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
     if spec not in ("none", "imagenet"):
         _load_local_weights(model, Path(spec))
     set_positive_outputs(model, positive_outputs if num_outputs > 1 else (0,))
+    set_layer4_stride(model, layer4_stride)
     return model
+
+
+def set_layer4_stride(model: nn.Module, stride: int) -> None:
+    """Set the stride of layer4's first block (its 3 x 3 conv and its 1 x 1 shortcut).
+
+    Stride 1 doubles the side of the last feature map, so the class activation map has
+    four times the cells; the network's parameters are unchanged (a checkpoint records the
+    stride in ``layer4_stride``). It costs about three times layer4's compute.
+    """
+    if stride not in (1, 2):
+        raise MLError(f"layer4 stride must be 1 or 2, not {stride}")
+    block = model.layer4[0]
+    block.conv1.stride = (stride, stride)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
+    model.layer4_stride = stride
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ResNet18's forward, also returning layer4's output A (N x 512 x h x w): the raw
+    logits are ``fc(mean_hw A)``, so class k's activation map is ``relu(fc.weight[k] . A)``."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    a = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return a, model.fc(torch.flatten(model.avgpool(a), 1))
 
 
 def set_positive_outputs(model: nn.Module, positive_outputs: tuple[int, ...] | list[int] | None) -> None:

@@ -14,17 +14,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ml import MLError
 from ml.augment import augment_batch, scanner_shift
 from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
-                     near_duplicate_groups, normalise, scan_folder, stratified_folds,
+                     load_masks, near_duplicate_groups, normalise, scan_folder, stratified_folds,
                      train_val_split)
 from ml.calibration import calibrated, fit_platt
 from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
-from ml.model import build_model, model_malignancy_logit, select_device
+from ml.model import build_model, features_and_logits, model_malignancy_logit, select_device
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class TrainConfig:
     classes: str = "auto"             # "auto": one output per class folder when there are 3+, else one logit; "binary"
     augment: bool = True
     scanner_augment: bool = False     # also mimic other scanners (ml.augment.scanner_shift)
+    aspect_augment: float = 1.0       # > 1: random width/height stretch up to this ratio (ml.augment)
+    masks: str | None = None          # folder of lesion masks named as the images: lesion-attention loss
+    mask_weight: float = 1.0          # weight of that loss beside the classification loss
+    layer4_stride: int | None = None  # 1: an 8 x 8 last feature map at 128 px; None: the start weights' (else 2)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
     time_limit_min: float | None = None
     resume: bool = False
@@ -100,17 +105,53 @@ class WarmupCosine:
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def class_directions(fc_weight: torch.Tensor, output: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """Per image, the fc direction whose activation map explains its class: for a one-logit
+    model the logit's row; for K classes the gradient of the class's log-odds against the
+    other classes, W_c - sum_j q_j W_j with q the softmax over the others (held fixed). For
+    the malignant class this is exactly the direction of the malignancy logit the worker's
+    heatmap explains."""
+    if classes is None:
+        return fc_weight[0].expand(len(output), -1)
+    others = torch.ones_like(output, dtype=torch.bool)
+    others[torch.arange(len(output)), classes] = False
+    q = torch.softmax(output.detach().masked_fill(~others, float("-inf")), dim=1)
+    return fc_weight[classes] - q @ fc_weight
+
+
+def lesion_attention_loss(features: torch.Tensor, directions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean share of the class activation map outside the lesion.
+
+    ``features`` N x C x h x w (layer4), ``directions`` N x C (:func:`class_directions`),
+    ``masks`` N x 1 x H x W in [0, 1]. The map is relu(direction . A), the closed-form
+    Grad-CAM of a pooled linear head; a cell counts as lesion when any of it is (max-pooled
+    mask over 0.5), so a small lesion is not asked to fill a coarse cell alone. 0 when all of
+    the map is on the lesion, 1 when none is."""
+    cam = torch.relu(torch.einsum("nc,nchw->nhw", directions, features.float()))
+    inside = (F.adaptive_max_pool2d(masks.float(), cam.shape[-2:])[:, 0] >= 0.5).float()
+    total = cam.sum(dim=(1, 2))
+    outside = (cam * (1.0 - inside)).sum(dim=(1, 2))
+    return (outside / (total + 1e-6)).mean()
+
+
 def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
                     batch_size: int, generator: torch.Generator, device: torch.device,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: bool = True,
                     progress: bool = False, desc: str = "train",
                     ema: torch.optim.swa_utils.AveragedModel | None = None,
-                    scanner: bool = False) -> tuple[float, float, int]:
+                    scanner: bool = False, masks: torch.Tensor | None = None,
+                    has_mask: torch.Tensor | None = None,
+                    mask_weight: float = 0.0, max_aspect: float = 1.0) -> tuple[float, float, int]:
     """One pass over (uint8 images, targets) in shuffled batches; returns (mean loss,
     accuracy, images seen). Targets are 0/1 floats for a one-logit model (accuracy at 0.5)
     or class indices for a multi-class one (accuracy of the arg-max). A final batch of
-    one is dropped (BatchNorm). ``ema``, when given, is updated after every optimizer step."""
+    one is dropped (BatchNorm). ``ema``, when given, is updated after every optimizer step.
+
+    With ``masks`` (N x 1 x H x W uint8, 255 = lesion), ``has_mask`` (N bool) and
+    ``mask_weight`` > 0, :func:`lesion_attention_loss` is added for the images with a mask
+    (augmented with the same geometric transform as their image)."""
+    use_masks = masks is not None and has_mask is not None and mask_weight > 0
     model.train()
     order = torch.randperm(len(images), generator=generator)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -122,15 +163,30 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
         batches = tqdm(batches, desc=desc, unit="batch", leave=False)
     for idx in batches:
         x = images[idx]
-        x = augment_batch(x, generator) if augment else x.float()
+        m = masks[idx] if use_masks and bool(has_mask[idx].any()) else None
+        if m is not None:
+            x, m = (augment_batch(x, generator, masks=m, max_aspect=max_aspect) if augment
+                    else (x.float(), m.float() / 255.0))
+        else:
+            x = augment_batch(x, generator, max_aspect=max_aspect) if augment else x.float()
         if scanner:
             x = scanner_shift(x, generator)
         # normalise() takes uint8-range values; float input is fine
         x = normalise(x, mean, std).to(device, non_blocking=True)
         y = targets[idx].to(device)
-        output = model(x)
+        if m is not None:
+            features, output = features_and_logits(model, x)
+        else:
+            output = model(x)
         logits = output.flatten() if output.shape[1] == 1 else output
         loss = criterion(logits, y)
+        if m is not None:
+            keep = has_mask[idx].to(device)
+            if logits.ndim == 1:
+                keep = keep & (y > 0.5)  # one logit: only the positive class has a lesion map to guide
+            if bool(keep.any()):
+                rows = class_directions(model.fc.weight, output[keep], None if logits.ndim == 1 else y[keep])
+                loss = loss + mask_weight * lesion_attention_loss(features[keep], rows, m[keep].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -201,6 +257,7 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
                      calibration: dict | None = None, seen_images: dict | None = None) -> dict[str, Any]:
     return {
         "architecture": "resnet18", "num_outputs": num_outputs, "calibration": calibration,
+        "layer4_stride": cfg.layer4_stride or weights_layer4_stride(cfg.weights),
         "seen_images": seen_images,
         "class_names": class_names, "positive_classes": positive_classes,
         "labels": list(LABEL_NAMES), "input_size": cfg.img_size,
@@ -212,6 +269,19 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
         "skipped_files": [str(p) for p, _ in cache.skipped],
         "history": [asdict(h) for h in history],
     }
+
+
+def weights_layer4_stride(weights: str) -> int:
+    """The layer4 stride of the starting weights when they are one of our checkpoints (a
+    fine-tune keeps its parent's geometry), else torchvision's 2."""
+    if weights in ("none", "imagenet") or not Path(weights).is_file():
+        return 2
+    try:
+        payload = read_checkpoint_file(Path(weights))
+    except CheckpointError:
+        return 2
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    return int((meta or {}).get("layer4_stride") or 2)
 
 
 # A class folder with fewer images cannot be learnt as a class of its own: the run is binary.
@@ -266,7 +336,13 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     x_train, y_train = cache.images[train_idx], labels[train_idx]
     x_val, y_val = cache.images[val_idx], cache.targets[val_idx]
     y_val_labels = labels[val_idx]
-    model = build_model(cfg.weights, num_outputs, positive_idx if several else None)
+    stride = cfg.layer4_stride or weights_layer4_stride(cfg.weights)
+    model = build_model(cfg.weights, num_outputs, positive_idx if several else None, stride)
+    masks, has_mask = (load_masks(cache.paths, cfg.masks, cache.images.shape[-1])
+                       if cfg.masks else (None, None))
+    if has_mask is not None:
+        log.info("lesion masks for %d of %d images (%d in the training part)",
+                 int(has_mask.sum()), len(has_mask), int(has_mask[train_idx].sum()))
     model = model.to(device, memory_format=torch.channels_last)
     # Validated and saved instead of the raw weights when on: a smoother model on small data.
     ema = (torch.optim.swa_utils.AveragedModel(
@@ -316,7 +392,10 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
         loss, acc, seen = train_one_epoch(model, x_train, y_train, optimizer, scheduler, criterion,
                                           cfg.batch_size, generator, device, augment=cfg.augment,
                                           progress=cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}", ema=ema,
-                                          scanner=cfg.scanner_augment)
+                                          scanner=cfg.scanner_augment,
+                                          masks=None if masks is None else masks[train_idx],
+                                          has_mask=None if has_mask is None else has_mask[train_idx],
+                                          mask_weight=cfg.mask_weight, max_aspect=cfg.aspect_augment)
         train_seconds = time.perf_counter() - t0
         val_logit, val_loss = evaluate_logits(scored, x_val, y_val_labels, 2 * cfg.batch_size, device,
                                               criterion=eval_criterion)

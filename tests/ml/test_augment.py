@@ -33,3 +33,22 @@ def test_scanner_shift_with_p_zero_changes_nothing_and_otherwise_smooths_and_ram
     def roughness(t):
         return (t[..., 1:] - t[..., :-1]).abs().mean()
     assert roughness(smoothed) < 0.8 * roughness(noisy)
+
+
+def test_aspect_stretch_changes_a_discs_width_against_its_height_and_is_off_by_default():
+    disc = torch.zeros(16, 3, 64, 64, dtype=torch.uint8)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc[:, :, ((yy - 32) ** 2 + (xx - 32) ** 2) < 12 ** 2] = 255
+    quiet = dict(max_rotate_deg=0, zoom=(1, 1), max_shift=0, brightness=0, contrast=0, gamma=0, noise=0)
+
+    def ratios(out):
+        lit = out[:, 0] > 127
+        return lit.any(dim=1).sum(dim=1).float() / lit.any(dim=2).sum(dim=1).float()  # width / height
+
+    same = augment_batch(disc, torch.Generator().manual_seed(0), **quiet)
+    assert torch.allclose(ratios(same), torch.ones(16), atol=0.1)
+    # the default draws nothing extra: the stream matches a call without the option
+    assert torch.equal(augment_batch(disc, torch.Generator().manual_seed(0)),
+                       augment_batch(disc, torch.Generator().manual_seed(0), max_aspect=1.0))
+    r = ratios(augment_batch(disc, torch.Generator().manual_seed(0), max_aspect=1.6, **quiet))
+    assert r.min() < 0.9 and r.max() > 1.1 and r.min() > 1 / 1.6 - 0.1 and r.max() < 1.6 + 0.1
