@@ -88,6 +88,19 @@ class LayerCapture:
         return self.activation
 
 
+AUTO_LAYER = "auto"
+# The finest last-stage grid worth explaining at layer4; below it "auto" picks layer2.
+AUTO_MIN_GRID = 8
+
+
+def auto_layer(model: nn.Module, input_size: int) -> str:
+    """What ``EXPLAIN_LAYER=auto`` explains for a model at ``input_size``: ``layer4`` when its
+    grid is at least AUTO_MIN_GRID cells a side (a layer4-stride-1 model at 128 px gives 8;
+    Grad-CAM there needs no backward pass), else ``layer2`` (16 x 16 at 128 px)."""
+    stride = 16 if getattr(model, "layer4_stride", 2) == 1 else 32
+    return "layer4" if input_size // stride >= AUTO_MIN_GRID else "layer2"
+
+
 def resolve_layer(model: nn.Module, target_layer: str | nn.Module | None) -> nn.Module:
     """The module to explain: a module, a dotted name from ``model.named_modules()``, or
     None for the last block of ``layer4``."""
@@ -484,6 +497,7 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
     heatmap at the original size; the overlay is drawn by :func:`ml.render.overlay` (low
     values transparent; ``outline`` marks the hottest region). ``faithfulness=False`` skips the deletion test (its
     forwards cost about ``1 + n_random`` predictions per image) and leaves it None.
+    ``target_layer="auto"`` picks the layer by :func:`auto_layer`.
     ``timings`` holds milliseconds per image for ``preprocess``, ``predict_explain``,
     ``faithfulness`` and ``render`` (batch stages shared equally among the batch).
     """
@@ -491,6 +505,8 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
     from ml.render import heatmap_image, overlay, resize_heatmap
 
     model = predictor.model
+    if target_layer == AUTO_LAYER:
+        target_layer = auto_layer(model, predictor.input_size)
     results: list[ExplanationResult] = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])

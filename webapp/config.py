@@ -80,10 +80,11 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "WORKER_DEVICE": _env("WORKER_DEVICE"),  # None: CUDA when available, else CPU
         "WORKER_TORCH_THREADS": _env_int("WORKER_TORCH_THREADS", 0),  # 0: torch default
         "EXPLAIN_METHOD": _env("EXPLAIN_METHOD", "gradcam"),
-        # Layer the heatmap is taken from: layer2 gives a 16 x 16 grid at 128 px (layer3 8 x 8,
-        # layer4 4 x 4) and put the most heatmap mass on the lesion in benchmarks/localisation.py;
-        # "layer3+layer4" fuses layers; empty = layer4. HEATMAP_OUTLINE: outline the hottest region.
-        "EXPLAIN_LAYER": _env("EXPLAIN_LAYER", "layer2"),
+        # Layer the heatmap is taken from. "auto": layer4 when the model's last grid is at least
+        # 8 x 8 (a layer4-stride-1 model at 128 px; no backward pass), else layer2 (16 x 16 at
+        # 128 px); see docs/explain.md. A name ("layer3"), a fusion ("layer3+layer4"), or
+        # empty = layer4. HEATMAP_OUTLINE: outline the hottest region.
+        "EXPLAIN_LAYER": _env("EXPLAIN_LAYER", "auto"),
         "HEATMAP_OUTLINE": _env_bool("HEATMAP_OUTLINE", True),
         # Upload limits: the whole request, each file, and pixels per image (decompression
         # bombs: a few KB of PNG can claim gigapixels).

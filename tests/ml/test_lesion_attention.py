@@ -11,7 +11,7 @@ from PIL import Image
 from ml.augment import augment_batch
 from ml.checkpoint import load_model
 from ml.data import DataError, load_masks
-from ml.explain import explain
+from ml.explain import auto_layer, explain, explain_images
 from ml.inference import Predictor
 from ml.model import build_model, features_and_logits, malignancy_logit
 from ml.train import TrainConfig, class_directions, fit, lesion_attention_loss
@@ -51,6 +51,13 @@ def test_features_and_logits_is_the_models_forward_at_either_stride():
         assert torch.allclose(out, model(x), atol=1e-5)
     with pytest.raises(Exception, match="stride must be 1 or 2"):
         build_model("none", 1, layer4_stride=3)
+
+
+def test_auto_layer_takes_layer4_once_its_grid_is_eight_cells_a_side():
+    assert auto_layer(build_model("none", 1), 128) == "layer2"            # 4 x 4
+    assert auto_layer(build_model("none", 1), 256) == "layer4"            # 8 x 8
+    assert auto_layer(build_model("none", 1, layer4_stride=1), 128) == "layer4"
+    assert auto_layer(build_model("none", 1, layer4_stride=1), 64) == "layer2"
 
 
 def test_lesion_attention_loss_is_the_share_of_the_map_outside_the_lesion():
@@ -149,6 +156,12 @@ def test_train_cli_with_masks_and_stride_one_then_a_fine_tune_keeps_the_stride(t
     x = torch.randn(1, 3, 64, 64)
     probs, maps = explain(predictor.model, x, "gradcam")
     assert maps.shape[-2:] == (64, 64) and 0 <= float(probs[0]) <= 1
+    # the worker's EXPLAIN_LAYER=auto explains layer4 of this model (8 x 8 at 128 px, 4 x 4 here)
+    # only from 128 px up; at 64 px it falls back to layer2, as for any stride-2 model
+    image = Image.open(next((data / "malignant").iterdir()))
+    auto = explain_images(predictor, [image], target_layer="auto", faithfulness=False)[0]
+    layer2 = explain_images(predictor, [image], target_layer="layer2", faithfulness=False)[0]
+    assert np.allclose(auto.heatmap, layer2.heatmap)
     # a fine-tune from that checkpoint inherits the geometry unless told otherwise
     tuned = tmp_path / "tuned.pt"
     fit(TrainConfig(data=str(data), out=str(tuned), epochs=1, img_size=64, batch_size=8,
