@@ -279,7 +279,8 @@ def main() -> None:
                         help="skip the localisation part (with --warnings: the warning levels only)")
     parser.add_argument("--warnings", action="store_true",
                         help="also measure the faithfulness and border-share distributions")
-    parser.add_argument("--warnings-variant", default="gradcam@layer2", help="the worker's explanation")
+    parser.add_argument("--warnings-variant", default="gradcam@auto",
+                        help="the worker's explanation (EXPLAIN_LAYER=auto: layer4 for a stride-1 model, else layer2)")
     parser.add_argument("--faithfulness-at", type=float, default=None,
                         help="level to report the flagged share for (default: the app's config)")
     parser.add_argument("--border-at", type=float, default=None)

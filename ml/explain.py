@@ -304,7 +304,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
     channel scored).
     ``target_layer`` is a module, a dotted module name (``"layer3"``, ``"layer4.0.conv2"``),
     None for the last block of layer4, or a fusion of names joined by ``+``
-    (``"layer3+layer4"``: see :func:`explain_fused`).
+    (``"layer3+layer4"``: see :func:`explain_fused`), or ``"auto"`` (:func:`auto_layer` at the
+    batch's input size).
 
     Probabilities and Grad-CAM/Grad-CAM++ maps come from one forward pass. When the target
     feeds a global-average-pool + one-logit linear head (ResNet's layer4), the gradient is
@@ -319,6 +320,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
         raise MLError("explain needs the model in eval mode (call model.eval())")
     if images.ndim != 4:
         raise MLError(f"images must be a N x C x H x W batch, not shape {tuple(images.shape)}")
+    if target_layer == AUTO_LAYER:
+        target_layer = auto_layer(model, int(images.shape[-1]))
     if isinstance(target_layer, str) and FUSION_SEPARATOR in target_layer:
         return explain_fused(model, images, method, target_layer.split(FUSION_SEPARATOR),
                              analytic_gradient=analytic_gradient, scorecam_batch_size=scorecam_batch_size,
@@ -497,7 +500,7 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
     heatmap at the original size; the overlay is drawn by :func:`ml.render.overlay` (low
     values transparent; ``outline`` marks the hottest region). ``faithfulness=False`` skips the deletion test (its
     forwards cost about ``1 + n_random`` predictions per image) and leaves it None.
-    ``target_layer="auto"`` picks the layer by :func:`auto_layer`.
+    ``target_layer="auto"`` picks the layer by :func:`auto_layer` (as :func:`explain` does).
     ``timings`` holds milliseconds per image for ``preprocess``, ``predict_explain``,
     ``faithfulness`` and ``render`` (batch stages shared equally among the batch).
     """
@@ -505,8 +508,6 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
     from ml.render import heatmap_image, overlay, resize_heatmap
 
     model = predictor.model
-    if target_layer == AUTO_LAYER:
-        target_layer = auto_layer(model, predictor.input_size)
     results: list[ExplanationResult] = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
