@@ -4,7 +4,7 @@ the weights changed nothing a user sees: the same verdict on every image of --ch
 
     .venv/bin/python benchmarks/save_demo.py reports/sites30/busi+breast-lesions-usg.pt \\
         --sites "busi (Egypt, CC BY 4.0)" "breast-lesions-usg (Poland, CC BY 4.0)" \\
-        --check ../shared/data/bus-uclm --out demo/model.pt
+        --mask-sites "breast-lesions-usg (Poland)" --check ../shared/data/bus-uclm --out demo/model.pt
 """
 from __future__ import annotations
 
@@ -26,11 +26,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--sites", nargs="+", required=True, help="the data it was trained on, with licences")
+    ap.add_argument("--mask-sites", nargs="*", default=[],
+                    help="the sites whose radiologists' lesion masks guided training (train_sites.py --masks)")
     ap.add_argument("--check", required=True, help="an ImageFolder to compare float32 and float16 on")
     ap.add_argument("--out", default="demo/model.pt")
     args = ap.parse_args()
     model, meta = load_model(args.checkpoint)
     meta = dict(meta, training_sites=args.sites)
+    if meta.get("args", {}).get("masks"):
+        # the run's temporary mask folder means nothing to a reader: say whose masks they were
+        meta["args"] = dict(meta["args"], masks="lesion masks of " + (", ".join(args.mask_sites) or "the training sites"))
+        meta["lesion_masks"] = args.mask_sites
     meta.pop("history", None)  # per-epoch figures stay in the run's report, not in the shipped file
     save_checkpoint(args.out, model, meta, half=True)
     full, half = Predictor.from_checkpoint(args.checkpoint, "cpu"), Predictor.from_checkpoint(args.out, "cpu")

@@ -109,11 +109,12 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # cannot take an upload just now (disk full, read-only, database locked): a 503.
         "RETRY_AFTER_S": _env_int("RETRY_AFTER_S", 30),
         "CASES_PER_PAGE": _env_int("CASES_PER_PAGE", 25),
-        # Explanation warnings shown on the case page. Levels from their measured spread on
-        # 939 images of two sites the demo model never saw (benchmarks/localisation.py
-        # --warnings; docs/explain.md): each flags under 10 % of all cases.
-        "BORDER_SHARE_WARNING": float(_env("BORDER_SHARE_WARNING", "0.6")),
-        "FAITHFULNESS_WARNING": float(_env("FAITHFULNESS_WARNING", "-0.05")),  # score in [-1, 1]
+        # Explanation warnings shown on the case page. Levels from their measured spread with
+        # the demo model's own explanation (EXPLAIN_LAYER=auto: layer4) on the 683 images of
+        # BUS-UCLM, a site it never saw (benchmarks/localisation.py --warnings; docs/explain.md):
+        # faithfulness flags 12 % of cases, border share 4 %. Re-measure for another model.
+        "BORDER_SHARE_WARNING": float(_env("BORDER_SHARE_WARNING", "0.3")),
+        "FAITHFULNESS_WARNING": float(_env("FAITHFULNESS_WARNING", "-0.15")),  # score in [-1, 1]
         # Status polling interval of the case page, in milliseconds.
         "STATUS_POLL_MS": _env_int("STATUS_POLL_MS", 1000),
         # Failed sign-ins for one email from one client address before that address may no
