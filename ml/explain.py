@@ -218,9 +218,15 @@ def folded_copy(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     try:
-        return fuse(model).to(memory_format=torch.channels_last)
+        fused = fuse(model).to(memory_format=torch.channels_last)
     except Exception:  # noqa: BLE001 -- untraceable control flow: run the model as it is
         return model
+    # the traced copy keeps the modules, not the attributes we set on the model: which outputs
+    # are malignant (a three-class head) and the layer4 stride
+    for name in ("positive_outputs", "layer4_stride"):
+        if hasattr(model, name):
+            setattr(fused, name, getattr(model, name))
+    return fused
 
 
 def scorecam_channel_scores(model: nn.Module, x: torch.Tensor, activations: torch.Tensor,

@@ -64,6 +64,19 @@ def test_closed_form_gradient_of_a_three_class_head_equals_autograd():
         assert torch.allclose(p_fast, expected, atol=1e-5) and torch.allclose(p_auto, expected, atol=1e-5)
 
 
+def test_score_cam_explains_a_three_class_model_on_its_folded_copy():
+    # the BatchNorm-folded copy Score-CAM runs must still know which output is malignant
+    torch.manual_seed(5)
+    model = build_model("none", 3, (1,), layer4_stride=1).eval()
+    x = torch.randn(1, 3, 32, 32)
+    folded_probs, folded = explain(model, x, "scorecam")
+    plain_probs, plain = explain(model, x, "scorecam", fold_batchnorm=False)
+    with torch.no_grad():
+        expected = torch.softmax(model(x), dim=1)[:, 1]
+    assert torch.allclose(folded_probs, expected, atol=1e-5) and folded.shape == (1, 32, 32)
+    assert torch.allclose(folded, plain, atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def three_class(tmp_path_factory):
     root = tmp_path_factory.mktemp("three")
