@@ -279,8 +279,8 @@ def main() -> None:
                         help="skip the localisation part (with --warnings: the warning levels only)")
     parser.add_argument("--warnings", action="store_true",
                         help="also measure the faithfulness and border-share distributions")
-    parser.add_argument("--warnings-variant", default="gradcam@auto",
-                        help="the worker's explanation (EXPLAIN_LAYER=auto: layer4 for a stride-1 model, else layer2)")
+    parser.add_argument("--warnings-variant", default=None,
+                        help="METHOD@LAYER to judge (default: the worker's EXPLAIN_METHOD@EXPLAIN_LAYER from the app's config)")
     parser.add_argument("--faithfulness-at", type=float, default=None,
                         help="level to report the flagged share for (default: the app's config)")
     parser.add_argument("--border-at", type=float, default=None)
@@ -318,7 +318,8 @@ def main() -> None:
         cfg = load_config()
         faith_at = args.faithfulness_at if args.faithfulness_at is not None else cfg["FAITHFULNESS_WARNING"]
         border_at = args.border_at if args.border_at is not None else cfg["BORDER_SHARE_WARNING"]
-        report_warnings(predictor, data, args.sites, args.warnings_variant, args.limit, faith_at, border_at)
+        variant = args.warnings_variant or f"{cfg['EXPLAIN_METHOD']}@{cfg['EXPLAIN_LAYER'] or 'layer4'}"
+        report_warnings(predictor, data, args.sites, variant, args.limit, faith_at, border_at)
 
 
 def lesion_cases_subset(cases: list[Case], site: str, limit: int) -> list[Case]:
