@@ -254,10 +254,11 @@ def _fmt(metrics: dict[str, Any]) -> str:
 def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, class_names: list[str],
                      positive_classes: list[str], val_metrics: dict, threshold: float,
                      split: dict, epoch: int, history: list[EpochLog], num_outputs: int = 1,
-                     calibration: dict | None = None, seen_images: dict | None = None) -> dict[str, Any]:
+                     calibration: dict | None = None, seen_images: dict | None = None,
+                     layer4_stride: int = 2) -> dict[str, Any]:
     return {
         "architecture": "resnet18", "num_outputs": num_outputs, "calibration": calibration,
-        "layer4_stride": cfg.layer4_stride or weights_layer4_stride(cfg.weights),
+        "layer4_stride": layer4_stride,
         "seen_images": seen_images,
         "class_names": class_names, "positive_classes": positive_classes,
         "labels": list(LABEL_NAMES), "input_size": cfg.img_size,
@@ -423,7 +424,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                 trained_on = seen_images(cache, np.concatenate([train_idx, val_idx]))
             meta = _checkpoint_meta(cfg, cache, fingerprint, class_names, positive_classes,
                                     val_metrics, threshold, split_info, epoch, history, num_outputs,
-                                    calibration, trained_on)
+                                    calibration, trained_on, layer4_stride=stride)
             save_checkpoint(out, scored, meta)
             stale = 0
         else:
