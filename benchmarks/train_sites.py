@@ -10,8 +10,9 @@ Platt calibration on the validation part, threshold for the target sensitivity),
 prints per site: ROC-AUC (malignant vs rest) with a 95 % bootstrap interval that
 resamples patients (BUS-UCLM: the file-name prefix; BrEaST: one image per patient;
 BUSI: near-duplicate groups), sensitivity and specificity at the stored threshold, and
-ECE (15 bins). BUS-UCLM (Spain) is never trained on. `--sites` picks other sites;
-`--loso` trains once per held-out site (leave-one-site-out).
+ECE (15 bins). BUS-UCLM (Spain) is never trained on. `--held-out SITE` trains on the other
+two and judges that one; `--loso` trains once per held-out site (leave-one-site-out). When
+BUS-UCLM is trained on, its 38 patients are split whole (`TrainConfig.group_pattern`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.data import cache_images, near_duplicate_groups, scan_folder, train_val_split  # noqa: E402
+from ml.data import cache_images, named_groups, near_duplicate_groups, scan_folder, train_val_split  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
@@ -53,6 +54,10 @@ def link_folder(out: Path, files: list[tuple[str, Path, str]]) -> Path:
 def site_files(site: str) -> list[tuple[str, Path, str]]:
     root = DATA / site
     return [(site, p, cls) for cls in CLASSES for p in sorted((root / cls).glob("*")) if p.is_file()]
+
+
+# BUS-UCLM's file names start with the patient's four letters: one patient, one side of the split
+PATIENT_PATTERN = r"^bus-uclm__([A-Z]{4})_"
 
 
 def patient_of(path: Path, site: str) -> str:
@@ -98,7 +103,8 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
                       batch_size=32, seed=args.seed, time_limit_min=args.minutes, patience=10_000,
                       ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment,
                       masks=str(masks) if masks else None, mask_weight=args.mask_weight,
-                      layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment)
+                      layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment,
+                      group_pattern=PATIENT_PATTERN)
     t0 = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - t0) / 60
@@ -106,6 +112,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     index = scan_folder(merged)
     cache = cache_images(index, args.img_size)
     groups = near_duplicate_groups(cache.images)
+    groups = named_groups(cache.paths, PATIENT_PATTERN, groups)
     _, val_idx = train_val_split(cache.targets.numpy().astype(int), cfg.val_split, cfg.seed, groups)
     predictor = Predictor.from_checkpoint(out, "cpu")
     report = {"train_sites": train_sites, "scanner_augment": args.scanner_augment,
@@ -152,6 +159,8 @@ def main() -> None:
                     help="random width/height stretch up to this ratio (1 = off)")
     ap.add_argument("--layer4-stride", type=int, default=2, choices=(1, 2))
     ap.add_argument("--loso", action="store_true", help="leave-one-site-out: one run per held-out site")
+    ap.add_argument("--held-out", choices=sorted(SITES),
+                    help="train on the other two sites and judge on this one (one leave-one-site-out run)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--keep", help="keep the model(s) in this folder")
@@ -161,8 +170,8 @@ def main() -> None:
     missing = [s for s in SITES if not (DATA / s).is_dir()]
     if missing:
         sys.exit(f"missing data folders under {DATA}: {', '.join(missing)}")
-    plans = ([([s for s in SITES if s != held], [held]) for held in SITES] if args.loso
-             else [(["busi", "breast-lesions-usg"], ["bus-uclm"])])
+    held_out = list(SITES) if args.loso else [args.held_out or "bus-uclm"]
+    plans = [([s for s in SITES if s != held], [held]) for held in held_out]
     reports = []
     for train_sites, test_sites in plans:
         with tempfile.TemporaryDirectory(prefix="sites-") as tmp:

@@ -44,6 +44,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--patience", default=15, show_default=True, type=click.IntRange(1), help="early stopping: epochs without a validation ROC-AUC gain")
 @click.option("--positive", "positive_classes", multiple=True, help="positive class folder name (repeatable; default cancer, malignant)")
 @click.option("--no-group-duplicates", is_flag=True, help="split at random instead of keeping near-duplicate images on one side")
+@click.option("--group-pattern", help="regular expression on file names whose first group (or whole match) names the patient, e.g. '^([A-Z]{4})_': one patient's images stay on one side of the split")
 @click.option("--pos-weight", default="auto", show_default=True, help="class balance of the loss: auto (balanced), none, or a number (BCE pos_weight, binary runs)")
 @click.option("--classes", default="auto", show_default=True, type=click.Choice(["auto", "binary"]), help="auto: one output per class folder when there are 3 or more (e.g. normal/benign/malignant); binary: malignant vs the rest")
 @click.option("--no-augment", is_flag=True, help="turn off train-time augmentation")

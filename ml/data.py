@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -260,6 +261,42 @@ def near_duplicate_groups(images: torch.Tensor, max_distance: int = 30) -> np.nd
             ri, rj = find(i), find(int(j))
             if ri != rj:
                 parent[rj] = ri
+    return np.array([find(i) for i in range(n)])
+
+
+def named_groups(paths: Sequence[Path], pattern: str,
+                 base: Sequence[int] | None = None) -> np.ndarray:
+    """Group id per file: files whose names give the same key under ``pattern`` (a regular
+    expression searched in the file name; its first group, or the whole match, is the key,
+    e.g. a patient id) share a group, and so do files that share a ``base`` group (near
+    duplicates). Files the pattern does not match keep their base group, or stand alone.
+    """
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise MLError(f"group pattern {pattern!r} is not a regular expression: {exc}") from exc
+    n = len(paths)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[rj] = ri
+
+    first: dict[tuple[str, object], int] = {}
+    for i, path in enumerate(paths):
+        m = rx.search(Path(path).name)
+        keys = [("name", m.group(1) if rx.groups else m.group(0))] if m else []
+        if base is not None:
+            keys.append(("base", int(base[i])))
+        for key in keys:
+            union(first.setdefault(key, i), i)
     return np.array([find(i) for i in range(n)])
 
 

@@ -21,8 +21,8 @@ from ml import MLError
 from ml.augment import augment_batch, scanner_shift
 from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
-                     load_masks, near_duplicate_groups, normalise, scan_folder, stratified_folds,
-                     train_val_split)
+                     load_masks, named_groups, near_duplicate_groups, normalise, scan_folder,
+                     stratified_folds, train_val_split)
 from ml.calibration import calibrated, fit_platt
 from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
 from ml.model import build_model, features_and_logits, model_malignancy_logit, select_device
@@ -50,6 +50,7 @@ class TrainConfig:
     device: str | None = None
     positive_classes: list[str] | None = None
     group_duplicates: bool = True
+    group_pattern: str | None = None  # regex on file names naming the patient: one patient, one side of the split
     pos_weight: str = "auto"          # "auto" (balanced classes), "none", or a number (binary only)
     classes: str = "auto"             # "auto": one output per class folder when there are 3+, else one logit; "binary"
     augment: bool = True
@@ -457,18 +458,23 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
     """
     out = Path(cfg.out)
     index = scan_folder(cfg.data, cfg.positive_classes)
+    if cfg.group_pattern:  # a bad pattern fails before the images are read
+        named_groups(index.paths[:1], cfg.group_pattern)
     cache = cache_images(index, cfg.img_size, strict=cfg.strict, progress=cfg.progress)
     fingerprint = index.fingerprint()
     if cache.skipped:
         fingerprint["n_skipped"] = len(cache.skipped)
     y = cache.targets.numpy().astype(int)
     groups = near_duplicate_groups(cache.images) if cfg.group_duplicates else None
+    if cfg.group_pattern:
+        groups = named_groups(cache.paths, cfg.group_pattern, groups)
     n_groups = len(np.unique(groups)) if groups is not None else len(y)
 
     def split_info(val_idx: np.ndarray, fold: int | None) -> dict:
         val_sha = hashlib.sha256(",".join(map(str, val_idx.tolist())).encode()).hexdigest()[:16]
         return {"val_fraction": cfg.val_split, "folds": cfg.folds, "fold": fold,
-                "grouped_near_duplicates": cfg.group_duplicates, "n_groups": int(n_groups),
+                "grouped_near_duplicates": cfg.group_duplicates, "group_pattern": cfg.group_pattern,
+                "n_groups": int(n_groups),
                 "n_train": int(len(y) - len(val_idx)), "n_val": int(len(val_idx)),
                 "seed": cfg.seed, "val_sha": val_sha}
 

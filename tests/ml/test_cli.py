@@ -66,3 +66,11 @@ def test_clear_errors_for_bad_model_and_bad_data(trained, tmp_path):
     one_class = make_folder(tmp_path / "one", n_per_class=3, classes=("normal",))
     result = CliRunner().invoke(cli, ["train", "--data", str(one_class), "--out", str(tmp_path / "x.pt"), "--quiet"])
     assert result.exit_code == 1 and "only one class" in result.output
+
+
+def test_train_refuses_a_broken_group_pattern_by_name(tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=3)
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"),
+                                      "--group-pattern", "([A-Z", "--quiet"])
+    assert result.exit_code == 1 and "group pattern '([A-Z' is not a regular expression" in result.output
+    assert not (tmp_path / "m.pt").exists()

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ml.data import (DataError, cache_images, load_image, near_duplicate_groups, preprocess,
+from ml import MLError
+from ml.data import (DataError, cache_images, load_image, named_groups, near_duplicate_groups, preprocess,
                      scan_folder, stratified_folds, train_val_split)
 from tests.ml.conftest import make_folder
 
@@ -118,6 +119,24 @@ def test_near_duplicates_share_a_group():
     groups = near_duplicate_groups(torch.cat([base, noisy[None]]))
     assert groups[3] == groups[0]
     assert len({groups[0], groups[1], groups[2]}) == 3
+
+
+def test_named_groups_join_one_patients_files_and_their_near_duplicates():
+    names = [Path(n) for n in ("ALWI_000.png", "ALWI_007.png", "BOMO_001.png", "case001.png",
+                               "case002.png", "BOMO_002.png")]
+    groups = named_groups(names, r"^([A-Z]{4})_")
+    assert groups[0] == groups[1] and groups[2] == groups[5]
+    assert len({groups[0], groups[2], groups[3], groups[4]}) == 4   # unmatched files stand alone
+    # a near-duplicate of another patient's image joins both patients into one group
+    joined = named_groups(names, r"^([A-Z]{4})_", base=[0, 1, 2, 3, 3, 1])
+    assert joined[0] == joined[2] == joined[5] and joined[3] == joined[4] and joined[0] != joined[3]
+    whole_match = named_groups(names, r"^case")    # no group: the whole match is the key
+    assert whole_match[3] == whole_match[4] and whole_match[0] != whole_match[3]
+
+
+def test_named_groups_refuse_a_broken_pattern():
+    with pytest.raises(MLError, match="not a regular expression"):
+        named_groups([Path("a.png")], "([A-Z")
 
 
 def test_fingerprint_changes_with_labels(tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ml import MLError
 from ml.checkpoint import load_checkpoint
 from ml.data import scan_folder
 from ml.inference import Predictor
@@ -32,6 +33,19 @@ def test_one_epoch_writes_a_complete_checkpoint(tiny_folder, tmp_path):
         assert key in meta["val_metrics"]["at_threshold"]
     assert result["history"][0].train_images > 0
     json.dumps(meta)  # metadata is plain data
+
+
+def test_group_pattern_splits_by_the_named_patient_and_is_recorded(tiny_folder, tmp_path):
+    out = tmp_path / "model.pt"
+    fit(config(tiny_folder, out, group_pattern=r"(\d)\.png$"))   # "patient" = the last digit: 10 of them
+    split = load_checkpoint(out)["meta"]["split"]
+    assert split["group_pattern"] == r"(\d)\.png$" and split["n_groups"] == 10
+
+
+def test_a_broken_group_pattern_fails_before_training(tiny_folder, tmp_path):
+    with pytest.raises(MLError, match="not a regular expression"):
+        fit(config(tiny_folder, tmp_path / "m.pt", group_pattern="([0-9"))
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_threshold_meets_target_sensitivity_on_validation(tiny_folder, tmp_path):
