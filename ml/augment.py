@@ -106,3 +106,49 @@ def scanner_shift(x: torch.Tensor, generator: torch.Generator | None = None, p: 
     coarse = torch.randn(n, 1, max(2, h // 4), max(2, w // 4), generator=g)
     out = out * (1 + speckle * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False))
     return torch.where(chosen, out, x).clamp(0, 255)
+
+
+def erase_lesions(images: torch.Tensor, masks: torch.Tensor, chosen: torch.Tensor,
+                  generator: torch.Generator | None = None, feather: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lesion-free copies of ultrasound frames, from the same scanner: a synthetic "normal".
+
+    For each image with ``chosen`` set and a lesion in its mask (uint8 N x 1 x H x W, 255 =
+    lesion), the lesion's bounding box, widened by a sixth of its size (at least twice
+    ``feather``, so the blended seam lies outside the lesion) and extended down by its
+    height (posterior shadowing or enhancement belongs to the lesion), is replaced by the
+    tissue just beside it at the same depth: a horizontal shift by the box's width, left or
+    right at random where the frame has room. Breast tissue lies in horizontal layers
+    (skin, fat, gland, muscle), so the filler continues the layers; the edges are blended
+    over ``feather`` pixels so the seam is not a sharp line. A box too wide to shift is left
+    alone. Returns (uint8 images, bool N: erased). A site whose normal frames the model
+    never sees (BrEaST has 4) otherwise teaches that its scanner means "lesion".
+    """
+    out = images.clone()
+    erased = torch.zeros(len(images), dtype=torch.bool)
+    h, w = images.shape[-2:]
+    for i in torch.nonzero(chosen).flatten().tolist():
+        rows = torch.nonzero(masks[i, 0].amax(dim=1) > 127).flatten()
+        cols = torch.nonzero(masks[i, 0].amax(dim=0) > 127).flatten()
+        if len(rows) == 0:
+            continue
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        pad_r, pad_c = max(2 * feather, (r1 - r0) // 6), max(2 * feather, (c1 - c0) // 6)
+        r0, r1 = max(0, r0 - pad_r), min(h, r1 + pad_r + (r1 - r0))
+        c0, c1 = max(0, c0 - pad_c), min(w, c1 + pad_c)
+        width = c1 - c0
+        sides = [s for s, ok in ((-1, c0 - width >= 0), (1, c1 + width <= w)) if ok]
+        if not sides:
+            continue
+        side = sides[int(torch.randint(len(sides), (1,), generator=generator))]
+        src = images[i, :, r0:r1, c0 + side * width:c1 + side * width].float()
+        alpha = torch.zeros(1, 1, h, w)
+        alpha[..., r0:r1, c0:c1] = 1.0
+        if feather > 0:  # soften the box's edge: a box filter shrunk inside the box, then smoothed
+            k = 2 * feather + 1
+            alpha = -F.max_pool2d(-alpha, k, stride=1, padding=feather)
+            alpha = F.avg_pool2d(alpha, k, stride=1, padding=feather, count_include_pad=False)
+        a = alpha[0, :, r0:r1, c0:c1]
+        patch = out[i, :, r0:r1, c0:c1].float() * (1 - a) + src * a
+        out[i, :, r0:r1, c0:c1] = patch.round().clamp(0, 255).to(images.dtype)
+        erased[i] = True
+    return out, erased

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ml import MLError
-from ml.augment import augment_batch, scanner_shift
+from ml.augment import augment_batch, erase_lesions, scanner_shift
 from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
                      load_masks, named_groups, near_duplicate_groups, normalise, scan_folder,
@@ -58,6 +58,7 @@ class TrainConfig:
     aspect_augment: float = 1.0       # > 1: random width/height stretch up to this ratio (ml.augment)
     masks: str | None = None          # folder of lesion masks named as the images: lesion-attention loss
     mask_weight: float = 1.0          # weight of that loss beside the classification loss
+    erase_lesions: float = 0.0        # probability of training a masked image as a lesion-free "normal"
     layer4_stride: int | None = None  # 1: an 8 x 8 last feature map at 128 px; None: the start weights' (else 2)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
     time_limit_min: float | None = None
@@ -143,7 +144,9 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                     ema: torch.optim.swa_utils.AveragedModel | None = None,
                     scanner: bool = False, masks: torch.Tensor | None = None,
                     has_mask: torch.Tensor | None = None,
-                    mask_weight: float = 0.0, max_aspect: float = 1.0) -> tuple[float, float, int]:
+                    mask_weight: float = 0.0, max_aspect: float = 1.0,
+                    erase_lesions_p: float = 0.0, normal_target: float | int | None = None,
+                    ) -> tuple[float, float, int]:
     """One pass over (uint8 images, targets) in shuffled batches; returns (mean loss,
     accuracy, images seen). Targets are 0/1 floats for a one-logit model (accuracy at 0.5)
     or class indices for a multi-class one (accuracy of the arg-max). A final batch of
@@ -151,8 +154,13 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
 
     With ``masks`` (N x 1 x H x W uint8, 255 = lesion), ``has_mask`` (N bool) and
     ``mask_weight`` > 0, :func:`lesion_attention_loss` is added for the images with a mask
-    (augmented with the same geometric transform as their image)."""
+    (augmented with the same geometric transform as their image).
+
+    With ``erase_lesions_p`` > 0 (and masks), each image with a mask is, with that
+    probability, replaced by :func:`ml.augment.erase_lesions`' lesion-free copy and trained
+    as ``normal_target`` (the normal class), without the attention loss."""
     use_masks = masks is not None and has_mask is not None and mask_weight > 0
+    use_erase = masks is not None and has_mask is not None and erase_lesions_p > 0 and normal_target is not None
     model.train()
     order = torch.randperm(len(images), generator=generator)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -163,7 +171,14 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
         from tqdm import tqdm
         batches = tqdm(batches, desc=desc, unit="batch", leave=False)
     for idx in batches:
-        x = images[idx]
+        x, y = images[idx], targets[idx]
+        guided = has_mask[idx] if has_mask is not None else None
+        if use_erase and bool(has_mask[idx].any()):
+            chosen = has_mask[idx] & (torch.rand(len(idx), generator=generator) < erase_lesions_p)
+            if bool(chosen.any()):
+                x, erased = erase_lesions(x, masks[idx], chosen, generator)
+                y = torch.where(erased, torch.as_tensor(normal_target, dtype=y.dtype), y)
+                guided = guided & ~erased
         m = masks[idx] if use_masks and bool(has_mask[idx].any()) else None
         if m is not None:
             x, m = (augment_batch(x, generator, masks=m, max_aspect=max_aspect) if augment
@@ -174,7 +189,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
             x = scanner_shift(x, generator)
         # normalise() takes uint8-range values; float input is fine
         x = normalise(x, mean, std).to(device, non_blocking=True)
-        y = targets[idx].to(device)
+        y = y.to(device)
         if m is not None:
             features, output = features_and_logits(model, x)
         else:
@@ -182,7 +197,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
         logits = output.flatten() if output.shape[1] == 1 else output
         loss = criterion(logits, y)
         if m is not None:
-            keep = has_mask[idx].to(device)
+            keep = guided.to(device)
             if logits.ndim == 1:
                 keep = keep & (y > 0.5)  # one logit: only the positive class has a lesion map to guide
             if bool(keep.any()):
@@ -321,6 +336,17 @@ def seen_images(cache: CachedImages, indices: np.ndarray) -> dict[str, list[str]
             "dhash": [np.packbits(h).tobytes().hex() for h in hashes]}
 
 
+def _normal_target(class_names: list[str], several: bool) -> int | float:
+    """The training target of a lesion-free image: the ``normal`` class, or 0 for one logit."""
+    if not several:
+        return 0.0
+    names = [c.lower() for c in class_names]
+    if "normal" not in names:
+        raise MLError(f"erasing lesions needs a 'normal' class to train them as; the classes are "
+                      f"{', '.join(class_names)}")
+    return names.index("normal")
+
+
 def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_idx: np.ndarray,
               out: Path, fingerprint: dict, class_names: list[str], positive_classes: list[str],
               split_info: dict, on_epoch: Callable[[EpochLog], None] | None = None) -> dict[str, Any]:
@@ -345,6 +371,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     if has_mask is not None:
         log.info("lesion masks for %d of %d images (%d in the training part)",
                  int(has_mask.sum()), len(has_mask), int(has_mask[train_idx].sum()))
+    normal_target = _normal_target(class_names, several) if cfg.erase_lesions > 0 else None
     model = model.to(device, memory_format=torch.channels_last)
     # Validated and saved instead of the raw weights when on: a smoother model on small data.
     ema = (torch.optim.swa_utils.AveragedModel(
@@ -397,7 +424,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                                           scanner=cfg.scanner_augment,
                                           masks=None if masks is None else masks[train_idx],
                                           has_mask=None if has_mask is None else has_mask[train_idx],
-                                          mask_weight=cfg.mask_weight, max_aspect=cfg.aspect_augment)
+                                          mask_weight=cfg.mask_weight, max_aspect=cfg.aspect_augment,
+                                          erase_lesions_p=cfg.erase_lesions, normal_target=normal_target)
         train_seconds = time.perf_counter() - t0
         val_logit, val_loss = evaluate_logits(scored, x_val, y_val_labels, 2 * cfg.batch_size, device,
                                               criterion=eval_criterion)
@@ -458,6 +486,8 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
     """
     out = Path(cfg.out)
     index = scan_folder(cfg.data, cfg.positive_classes)
+    if cfg.erase_lesions > 0 and not cfg.masks:
+        raise MLError("erasing lesions needs lesion masks (--masks)")
     if cfg.group_pattern:  # a bad pattern fails before the images are read
         named_groups(index.paths[:1], cfg.group_pattern)
     cache = cache_images(index, cfg.img_size, strict=cfg.strict, progress=cfg.progress)

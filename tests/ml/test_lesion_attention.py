@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from ml.augment import augment_batch
+from ml.augment import augment_batch, erase_lesions
 from ml.checkpoint import load_model
 from ml.data import DataError, load_masks
 from ml.explain import auto_layer, explain, explain_images
@@ -172,3 +172,45 @@ def test_train_cli_with_masks_and_stride_one_then_a_fine_tune_keeps_the_stride(t
     fit(TrainConfig(data=str(plain), out=str(tmp_path / "plain.pt"), epochs=1, img_size=32, batch_size=8,
                     progress=False))
     assert load_model(tmp_path / "plain.pt")[1]["layer4_stride"] == 2
+
+
+def test_erase_lesions_fills_the_lesion_with_the_tissue_beside_it_at_the_same_depth():
+    rows = torch.arange(64, dtype=torch.float32).view(64, 1).expand(64, 64) * 3   # horizontal layers
+    images = rows.to(torch.uint8).expand(3, 3, 64, 64).clone()
+    masks = torch.zeros(3, 1, 64, 64, dtype=torch.uint8)
+    masks[:, :, 20:30, 28:38] = 255
+    images[:, :, 20:30, 28:38] = 0                                  # a dark lesion
+    masks[1, :, 20:30, :] = 255                                     # one spanning the frame: no room to shift
+    images[1, :, 20:30, :] = 0
+    chosen = torch.tensor([True, True, False])
+    out, erased = erase_lesions(images, masks, chosen, torch.Generator().manual_seed(0), feather=2)
+    assert erased.tolist() == [True, False, False]
+    assert torch.equal(out[1:], images[1:])                         # not erasable, not chosen: untouched
+    inside = masks[0, 0] > 0
+    assert torch.equal(out[0][:, inside], rows.to(torch.uint8)[inside].expand(3, -1))
+    # the box reaches down by the lesion's height (posterior features) and no further
+    changed = (out[0] != images[0]).any(dim=0)
+    assert changed.nonzero()[:, 0].max() < 30 + 4 + 10
+    assert not changed[:16].any() and not changed[:, :24].any() and not changed[:, 42:].any()
+
+
+def test_training_with_erased_lesions_needs_masks_and_a_normal_class(tmp_path):
+    from manage import cli
+
+    data, masks = lesion_folder(tmp_path, n_per_class=12)   # 10 or more per class: three outputs
+    out = tmp_path / "model.pt"
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(out), "--epochs", "1",
+                                      "--img-size", "32", "--batch-size", "8", "--masks", str(masks),
+                                      "--erase-lesions", "0.5", "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta = load_model(out)[1]
+    assert meta["args"]["erase_lesions"] == 0.5 and meta["class_names"] == ["benign", "malignant", "normal"]
+    no_masks = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "b.pt"),
+                                        "--erase-lesions", "0.5", "--quiet"])
+    assert no_masks.exit_code == 1 and "erasing lesions needs lesion masks (--masks)" in no_masks.output
+    (data / "normal").rename(data / "healthy")
+    no_normal = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "c.pt"),
+                                         "--img-size", "32", "--masks", str(masks), "--erase-lesions", "0.5",
+                                         "--quiet"])
+    assert no_normal.exit_code == 1 and "needs a 'normal' class" in no_normal.output
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "c.pt").exists()
