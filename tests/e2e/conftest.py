@@ -58,9 +58,35 @@ class ServedApp:
         return iter((self.base, self.tmp_path))
 
 
+@pytest.fixture(scope="session")
+def stopping_apps():
+    """Apps told to stop (SIGTERM) by their tests; each must exit 0 and withdraw its broker's
+    address. Checked here, once, at the end of the browser tests: a stop takes seconds
+    (the worker's pool joins, torch unloads), and the next test need not wait for it."""
+    stopping: list[tuple[subprocess.Popen, Path, Path, object]] = []
+    yield stopping
+    failures = []
+    for process, tmp_path, instance, log in stopping:
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            code = "still running 60 s after SIGTERM"
+        finally:
+            log.close()
+        run_log = tmp_path / "run.log"
+        if code != 0:
+            failures.append(f"manage.py run in {tmp_path} stopped with {code}:\n{run_log.read_text()[-3000:]}")
+        elif (instance / "broker" / "url").exists():
+            failures.append(f"manage.py run in {tmp_path} left its broker's address behind")
+    assert not failures, "\n\n".join(failures)
+
+
 @pytest.fixture
-def served_app(tmp_path, tiny_checkpoint):
-    """A prepared instance folder served by `python manage.py run` in a subprocess."""
+def served_app(tmp_path, tiny_checkpoint, stopping_apps):
+    """A prepared instance folder served by `python manage.py run` in a subprocess. At the
+    end it is sent SIGTERM; ``stopping_apps`` checks that it stopped cleanly."""
     import flask_migrate
 
     from webapp import MIGRATIONS_DIR, create_app
@@ -95,14 +121,7 @@ def served_app(tmp_path, tiny_checkpoint):
             time.sleep(0.2)
     yield ServedApp(base, tmp_path, instance, app)
     process.send_signal(signal.SIGTERM)
-    try:
-        assert process.wait(timeout=60) == 0, (tmp_path / "run.log").read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
-    # The broker was shut down and its address withdrawn.
-    assert not (instance / "broker" / "url").exists()
+    stopping_apps.append((process, tmp_path, instance, log))
 
 
 @pytest.fixture
