@@ -289,9 +289,11 @@ def named_groups(paths: Sequence[Path], pattern: str,
         if ri != rj:
             parent[rj] = ri
 
+    matches = [rx.search(Path(path).name) for path in paths]
+    if not any(matches):  # nothing named: the base groups as they are (the same split as without)
+        return np.asarray(base) if base is not None else np.arange(n)
     first: dict[tuple[str, object], int] = {}
-    for i, path in enumerate(paths):
-        m = rx.search(Path(path).name)
+    for i, m in enumerate(matches):
         keys = [("name", m.group(1) if rx.groups else m.group(0))] if m else []
         if base is not None:
             keys.append(("base", int(base[i])))

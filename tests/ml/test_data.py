@@ -130,6 +130,9 @@ def test_named_groups_join_one_patients_files_and_their_near_duplicates():
     # a near-duplicate of another patient's image joins both patients into one group
     joined = named_groups(names, r"^([A-Z]{4})_", base=[0, 1, 2, 3, 3, 1])
     assert joined[0] == joined[2] == joined[5] and joined[3] == joined[4] and joined[0] != joined[3]
+    # a pattern that names no file leaves the base groups exactly as they were (the same split)
+    base = np.array([4, 1, 4, 3, 1, 5])
+    assert named_groups(names, r"^nobody_", base=base).tolist() == base.tolist()
     whole_match = named_groups(names, r"^case")    # no group: the whole match is the key
     assert whole_match[3] == whole_match[4] and whole_match[0] != whole_match[3]
 
