@@ -242,26 +242,47 @@ def difference_hash(images: torch.Tensor, bits: int = 16) -> np.ndarray:
     return (thumbs[:, :, 1:] > thumbs[:, :, :-1]).reshape(len(images), -1).numpy()
 
 
-def near_duplicate_groups(images: torch.Tensor, max_distance: int = 30) -> np.ndarray:
-    """Group id per image: images within ``max_distance`` bits of dHash share a group
-    (transitively), so frames of one lesion never straddle a train/validation split."""
-    hashes = difference_hash(images).astype(np.uint8)
-    n = len(hashes)
-    parent = np.arange(n)
+class _DisjointSets:
+    """Union-find over 0..n-1; a group's label is its root (the first member to lead it)."""
 
-    def find(i: int) -> int:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        parent = self.parent
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[rj] = ri
+
+    def labels(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))])
+
+
+def compile_group_pattern(pattern: str) -> re.Pattern:
+    """The file-name pattern of :func:`named_groups`, compiled, or an MLError naming it."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise MLError(f"group pattern {pattern!r} is not a regular expression: {exc}") from exc
+
+
+def near_duplicate_groups(images: torch.Tensor, max_distance: int = 30) -> np.ndarray:
+    """Group id per image: images within ``max_distance`` bits of dHash share a group
+    (transitively), so frames of one lesion never straddle a train/validation split."""
+    hashes = difference_hash(images).astype(np.uint8)
+    n = len(hashes)
+    sets = _DisjointSets(n)
     for i in range(n - 1):
         dist = (hashes[i + 1:] != hashes[i]).sum(axis=1)
         for j in np.nonzero(dist < max_distance)[0] + i + 1:
-            ri, rj = find(i), find(int(j))
-            if ri != rj:
-                parent[rj] = ri
-    return np.array([find(i) for i in range(n)])
+            sets.union(i, int(j))
+    return sets.labels()
 
 
 def named_groups(paths: Sequence[Path], pattern: str,
@@ -271,35 +292,20 @@ def named_groups(paths: Sequence[Path], pattern: str,
     e.g. a patient id) share a group, and so do files that share a ``base`` group (near
     duplicates). Files the pattern does not match keep their base group, or stand alone.
     """
-    try:
-        rx = re.compile(pattern)
-    except re.error as exc:
-        raise MLError(f"group pattern {pattern!r} is not a regular expression: {exc}") from exc
+    rx = compile_group_pattern(pattern)
     n = len(paths)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[rj] = ri
-
     matches = [rx.search(Path(path).name) for path in paths]
     if not any(matches):  # nothing named: the base groups as they are (the same split as without)
         return np.asarray(base) if base is not None else np.arange(n)
+    sets = _DisjointSets(n)
     first: dict[tuple[str, object], int] = {}
     for i, m in enumerate(matches):
         keys = [("name", m.group(1) if rx.groups else m.group(0))] if m else []
         if base is not None:
             keys.append(("base", int(base[i])))
         for key in keys:
-            union(first.setdefault(key, i), i)
-    return np.array([find(i) for i in range(n)])
+            sets.union(first.setdefault(key, i), i)
+    return sets.labels()
 
 
 def stratified_folds(targets: Sequence[int], k: int, seed: int,

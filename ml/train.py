@@ -21,8 +21,8 @@ from ml import MLError
 from ml.augment import augment_batch, erase_lesions, scanner_shift
 from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
-                     load_masks, named_groups, near_duplicate_groups, normalise, scan_folder,
-                     stratified_folds, train_val_split)
+                     compile_group_pattern, load_masks, named_groups, near_duplicate_groups, normalise,
+                     scan_folder, stratified_folds, train_val_split)
 from ml.calibration import calibrated, fit_platt
 from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
 from ml.model import build_model, features_and_logits, model_malignancy_logit, select_device
@@ -489,7 +489,7 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
     if cfg.erase_lesions > 0 and not cfg.masks:
         raise MLError("erasing lesions needs lesion masks (--masks)")
     if cfg.group_pattern:  # a bad pattern fails before the images are read
-        named_groups(index.paths[:1], cfg.group_pattern)
+        compile_group_pattern(cfg.group_pattern)
     cache = cache_images(index, cfg.img_size, strict=cfg.strict, progress=cfg.progress)
     fingerprint = index.fingerprint()
     if cache.skipped:
