@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.data import cache_images, named_groups, near_duplicate_groups, scan_folder, train_val_split  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
@@ -109,12 +108,6 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     t0 = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - t0) / 60
-    # the validation split fit() used, rebuilt the same way, to judge each site's part
-    index = scan_folder(merged)
-    cache = cache_images(index, args.img_size)
-    groups = near_duplicate_groups(cache.images)
-    groups = named_groups(cache.paths, PATIENT_PATTERN, groups)
-    _, val_idx = train_val_split(cache.targets.numpy().astype(int), cfg.val_split, cfg.seed, groups)
     predictor = Predictor.from_checkpoint(out, "cpu")
     report = {"train_sites": train_sites, "scanner_augment": args.scanner_augment,
               "masks": bool(masks), "mask_weight": args.mask_weight if masks else 0.0,
@@ -122,8 +115,9 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
               "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"]), "sites": {}}
     for site in train_sites:
-        files = [(site, Path(os.readlink(cache.paths[i])), index.class_names[int(cache.classes[i])])
-                 for i in val_idx if cache.paths[i].name.startswith(site + "__")]
+        # the validation part fit() held out, judged site by site (merged path: train/CLASS/SITE__NAME)
+        files = [(site, Path(os.readlink(p)), Path(p).parent.name)
+                 for p in result["val_paths"] if Path(p).name.startswith(site + "__")]
         part = link_folder(work / f"val-{site}", files)
         report["sites"][f"{site} (validation part)"] = judge(predictor, part, site)
     for site in test_sites:

@@ -528,6 +528,7 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
     result = run_split(cfg, train_idx=train_idx, val_idx=val_idx, out=out,
                        split_info=split_info(val_idx, None), on_epoch=on_epoch, **common)
     result["skipped_files"] = [str(p) for p, _ in cache.skipped]
+    result["val_paths"] = [str(cache.paths[i]) for i in val_idx]
     return result
 
 

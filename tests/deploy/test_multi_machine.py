@@ -231,9 +231,18 @@ def _run(d: Deployment, checkpoint: Path, tmp_path: Path) -> None:
     from tests.ml.conftest import make_folder
 
     started = time.monotonic()
-    # The admin's machine: schema, accounts, tokens, the first model.
+    # The admin's machine: the schema first; the machines then start (web first: load
+    # balancers wait for /healthz) while the admin creates accounts, tokens and the first model.
     out = d.command("admin", "init", ADMIN_EMAIL="admin@example.org", ADMIN_PASSWORD=PASSWORD)
     assert "created admin admin@example.org" in out
+    web = d.start("web", "serve", "--port", str(d.port), "--workers", "2", "--threads", "4",
+                  UPLOADS_PER_USER_PER_MINUTE="1000")
+    workers = {
+        "worker-a": d.start("worker-a", "worker", "--concurrency", "1", "--loglevel", "info",
+                            WORKER_TORCH_THREADS="1"),
+        "worker-b": d.start("worker-b", "worker", "--concurrency", "2", "--loglevel", "info",
+                            WORKER_TORCH_THREADS="1"),
+    }
     d.command("admin", "users", "create", "doc@example.org", "--role", "clinician", "--password-stdin",
               stdin=PASSWORD + "\n")
     d.command("admin", "users", "create", "rev@example.org", "--role", "reviewer", "--password-stdin",
@@ -243,22 +252,15 @@ def _run(d: Deployment, checkpoint: Path, tmp_path: Path) -> None:
     out = d.command("admin", "models", "register", str(checkpoint), "--name", "v1")
     assert "registered v1 (active" in out
 
-    # The machines: web first (load balancers wait for /healthz), then the two workers.
-    web = d.start("web", "serve", "--port", str(d.port), "--workers", "2", "--threads", "4",
-                  UPLOADS_PER_USER_PER_MINUTE="1000")
-    workers = {
-        "worker-a": d.start("worker-a", "worker", "--concurrency", "1", "--loglevel", "info",
-                            WORKER_TORCH_THREADS="1"),
-        "worker-b": d.start("worker-b", "worker", "--concurrency", "2", "--loglevel", "info",
-                            WORKER_TORCH_THREADS="1"),
-    }
     _wait_for(lambda: _healthy(d.base), 60, "the web server's /healthz")
     for name in workers:
         _wait_for(lambda: " ready." in d.log(name), 90, f"{name} to be ready")
     pids = {name: p.pid for name, p in workers.items()}
     # The workers' health check of docs/deploy.md: each answers a ping through the broker.
-    ping = subprocess.run([sys.executable, "-m", "celery", "-b", d.broker_url, "inspect", "ping", "--timeout", "10"],
-                          capture_output=True, text=True, timeout=60)
+    # Naming both nodes lets the ping return once both replied instead of after the timeout.
+    nodes = ",".join(f"predict-{pid}@{socket.gethostname()}" for pid in pids.values())
+    ping = subprocess.run([sys.executable, "-m", "celery", "-b", d.broker_url, "inspect", "ping", "--timeout", "10",
+                           "--destination", nodes], capture_output=True, text=True, timeout=60)
     assert all(f"predict-{pid}@" in ping.stdout for pid in pids.values()), ping.stdout + ping.stderr
 
     doc = requests.Session()

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,9 +38,15 @@ def test_one_epoch_writes_a_complete_checkpoint(tiny_folder, tmp_path):
 
 def test_group_pattern_splits_by_the_named_patient_and_is_recorded(tiny_folder, tmp_path):
     out = tmp_path / "model.pt"
-    fit(config(tiny_folder, out, group_pattern=r"(\d)\.png$"))   # "patient" = the last digit: 10 of them
+    result = fit(config(tiny_folder, out, group_pattern=r"(\d)\.png$"))   # "patient" = the last digit: 10 of them
     split = load_checkpoint(out)["meta"]["split"]
     assert split["group_pattern"] == r"(\d)\.png$" and split["n_groups"] == 10
+    # the result names the validation images: whole "patients", as many as the split records
+    val = [Path(p) for p in result["val_paths"]]
+    assert len(val) == split["n_val"] > 0
+    val_patients = {p.name[-5] for p in val}
+    every = [p for p in Path(tiny_folder).rglob("*.png")]
+    assert {p.name for p in every if p.name[-5] in val_patients} == {p.name for p in val}
 
 
 def test_a_broken_group_pattern_fails_before_training(tiny_folder, tmp_path):
