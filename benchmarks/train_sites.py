@@ -64,8 +64,10 @@ def patient_of(path: Path, site: str) -> str:
     return name[:4] if site == "bus-uclm" else name
 
 
-def patient_bootstrap(y: np.ndarray, p: np.ndarray, groups: list[str], n_boot: int = 1000, seed: int = 0):
-    """95 % percentile interval of ROC-AUC resampling whole patients with replacement."""
+def patient_bootstrap(y: np.ndarray, p: np.ndarray, groups: list[str], n_boot: int = 1000, seed: int = 0,
+                      baseline: np.ndarray | None = None):
+    """95 % percentile interval of ROC-AUC resampling whole patients with replacement; with
+    ``baseline`` (other scores of the same images), of the paired difference AUC(p) - AUC(baseline)."""
     rng = np.random.default_rng(seed)
     ids = sorted(set(groups))
     members = {g: np.flatnonzero(np.array(groups) == g) for g in ids}
@@ -73,7 +75,7 @@ def patient_bootstrap(y: np.ndarray, p: np.ndarray, groups: list[str], n_boot: i
     for _ in range(n_boot):
         idx = np.concatenate([members[g] for g in rng.choice(ids, len(ids))])
         if 0 < y[idx].sum() < len(idx):
-            values.append(roc_auc(y[idx], p[idx]))
+            values.append(roc_auc(y[idx], p[idx]) - (roc_auc(y[idx], baseline[idx]) if baseline is not None else 0.0))
     return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
 
 
