@@ -104,6 +104,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
                       batch_size=32, seed=args.seed, time_limit_min=args.minutes, patience=10_000,
                       ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment,
                       masks=str(masks) if masks else None, mask_weight=args.mask_weight,
+                      mask_margin=args.mask_margin,
                       erase_lesions=args.erase_lesions if masks else 0.0,
                       layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment,
                       group_pattern=PATIENT_PATTERN)
@@ -113,6 +114,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     predictor = Predictor.from_checkpoint(out, "cpu")
     report = {"train_sites": train_sites, "scanner_augment": args.scanner_augment,
               "masks": bool(masks), "mask_weight": args.mask_weight if masks else 0.0,
+              "mask_margin": args.mask_margin if masks else 0,
               "erase_lesions": args.erase_lesions if masks else 0.0,
               "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"]), "sites": {}}
@@ -129,7 +131,8 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
 
 def show(report: dict) -> None:
     extras = [x for x, on in (("scanner augmentation", report["scanner_augment"]),
-                              (f"lesion masks (weight {report.get('mask_weight')})", report.get("masks")),
+                              (f"lesion masks (weight {report.get('mask_weight')}, margin {report.get('mask_margin', 0)})",
+                               report.get("masks")),
                               (f"lesions erased at p {report.get('erase_lesions')}", report.get("erase_lesions")),
                               ("layer4 stride 1", report.get("layer4_stride") == 1),
                               (f"aspect augmentation {report.get('aspect_augment')}",
@@ -154,6 +157,7 @@ def main() -> None:
     ap.add_argument("--masks", action="store_true",
                     help="lesion-attention loss on the training sites' masks (<data>/masks/<site>/)")
     ap.add_argument("--mask-weight", type=float, default=1.0)
+    ap.add_argument("--mask-margin", type=int, default=0, help="cells around the lesion that count as inside")
     ap.add_argument("--erase-lesions", type=float, default=0.0,
                     help="with --masks: probability of a masked image trained as its lesion-free copy (normal)")
     ap.add_argument("--aspect-augment", type=float, default=1.0,

@@ -52,6 +52,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--aspect-augment", default=1.0, show_default=True, type=click.FloatRange(1.0, 3.0), help="stretch width against height at random by up to this ratio (e.g. 1.5), so a site's frame shape does not teach lesion shape")
 @click.option("--masks", type=click.Path(exists=True, file_okay=False), help="folder of lesion masks (PNG, named as the images, 255 = lesion): adds a loss that keeps the class activation map on the lesion")
 @click.option("--mask-weight", default=1.0, show_default=True, type=click.FloatRange(0), help="weight of the lesion-attention loss")
+@click.option("--mask-margin", default=0, show_default=True, type=click.IntRange(0, 3), help="with --masks: cells of the last feature map around the lesion that also count as inside (its margin, halo and posterior shadowing)")
 @click.option("--erase-lesions", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="with --masks: probability of training an image with a mask as a lesion-free 'normal' copy (the lesion replaced by the tissue beside it), so each scanner also shows normal frames")
 @click.option("--layer4-stride", type=click.Choice(["1", "2"]), default=None, help="1: an 8 x 8 last feature map at 128 px (finer heatmaps); default: the starting weights' stride, else 2")
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="validate and save an exponential moving average of the weights with this decay (e.g. 0.99); 0 = off")

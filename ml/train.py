@@ -58,6 +58,7 @@ class TrainConfig:
     aspect_augment: float = 1.0       # > 1: random width/height stretch up to this ratio (ml.augment)
     masks: str | None = None          # folder of lesion masks named as the images: lesion-attention loss
     mask_weight: float = 1.0          # weight of that loss beside the classification loss
+    mask_margin: int = 0              # grid cells around the lesion that also count as inside (its surroundings)
     erase_lesions: float = 0.0        # probability of training a masked image as a lesion-free "normal"
     layer4_stride: int | None = None  # 1: an 8 x 8 last feature map at 128 px; None: the start weights' (else 2)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
@@ -121,16 +122,22 @@ def class_directions(fc_weight: torch.Tensor, output: torch.Tensor, classes: tor
     return fc_weight[classes] - q @ fc_weight
 
 
-def lesion_attention_loss(features: torch.Tensor, directions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def lesion_attention_loss(features: torch.Tensor, directions: torch.Tensor, masks: torch.Tensor,
+                          margin: int = 0) -> torch.Tensor:
     """Mean share of the class activation map outside the lesion.
 
     ``features`` N x C x h x w (layer4), ``directions`` N x C (:func:`class_directions`),
     ``masks`` N x 1 x H x W in [0, 1]. The map is relu(direction . A), the closed-form
     Grad-CAM of a pooled linear head; a cell counts as lesion when any of it is (max-pooled
-    mask over 0.5), so a small lesion is not asked to fill a coarse cell alone. 0 when all of
-    the map is on the lesion, 1 when none is."""
+    mask over 0.5), so a small lesion is not asked to fill a coarse cell alone. ``margin``
+    cells around the lesion (a square neighbourhood) count as inside too: its margin, halo
+    and posterior shadowing are findings in themselves. 0 when all of the map is on the
+    lesion, 1 when none is."""
     cam = torch.relu(torch.einsum("nc,nchw->nhw", directions, features.float()))
-    inside = (F.adaptive_max_pool2d(masks.float(), cam.shape[-2:])[:, 0] >= 0.5).float()
+    inside = (F.adaptive_max_pool2d(masks.float(), cam.shape[-2:]) >= 0.5).float()
+    if margin > 0:
+        inside = F.max_pool2d(inside, 2 * margin + 1, stride=1, padding=margin)
+    inside = inside[:, 0]
     total = cam.sum(dim=(1, 2))
     outside = (cam * (1.0 - inside)).sum(dim=(1, 2))
     return (outside / (total + 1e-6)).mean()
@@ -144,7 +151,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                     ema: torch.optim.swa_utils.AveragedModel | None = None,
                     scanner: bool = False, masks: torch.Tensor | None = None,
                     has_mask: torch.Tensor | None = None,
-                    mask_weight: float = 0.0, max_aspect: float = 1.0,
+                    mask_weight: float = 0.0, mask_margin: int = 0, max_aspect: float = 1.0,
                     erase_lesions_p: float = 0.0, normal_target: float | int | None = None,
                     ) -> tuple[float, float, int]:
     """One pass over (uint8 images, targets) in shuffled batches; returns (mean loss,
@@ -153,8 +160,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
     one is dropped (BatchNorm). ``ema``, when given, is updated after every optimizer step.
 
     With ``masks`` (N x 1 x H x W uint8, 255 = lesion), ``has_mask`` (N bool) and
-    ``mask_weight`` > 0, :func:`lesion_attention_loss` is added for the images with a mask
-    (augmented with the same geometric transform as their image).
+    ``mask_weight`` > 0, :func:`lesion_attention_loss` (with ``mask_margin``) is added for the
+    images with a mask (augmented with the same geometric transform as their image).
 
     With ``erase_lesions_p`` > 0 (and masks), each image with a mask is, with that
     probability, replaced by :func:`ml.augment.erase_lesions`' lesion-free copy and trained
@@ -202,7 +209,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                 keep = keep & (y > 0.5)  # one logit: only the positive class has a lesion map to guide
             if bool(keep.any()):
                 rows = class_directions(model.fc.weight, output[keep], None if logits.ndim == 1 else y[keep])
-                loss = loss + mask_weight * lesion_attention_loss(features[keep], rows, m[keep].to(device))
+                loss = loss + mask_weight * lesion_attention_loss(features[keep], rows, m[keep].to(device),
+                                                                   mask_margin)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -424,7 +432,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                                           scanner=cfg.scanner_augment,
                                           masks=None if masks is None else masks[train_idx],
                                           has_mask=None if has_mask is None else has_mask[train_idx],
-                                          mask_weight=cfg.mask_weight, max_aspect=cfg.aspect_augment,
+                                          mask_weight=cfg.mask_weight, mask_margin=cfg.mask_margin,
+                                          max_aspect=cfg.aspect_augment,
                                           erase_lesions_p=cfg.erase_lesions, normal_target=normal_target)
         train_seconds = time.perf_counter() - t0
         val_logit, val_loss = evaluate_logits(scored, x_val, y_val_labels, 2 * cfg.batch_size, device,

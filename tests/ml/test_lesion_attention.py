@@ -74,6 +74,19 @@ def test_lesion_attention_loss_is_the_share_of_the_map_outside_the_lesion():
     assert lesion_attention_loss(features, -directions, masks).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_margin_counts_the_cells_around_the_lesion_as_inside():
+    features = torch.zeros(3, 1, 6, 6)
+    features[0, 0, 2, 3] = 1.0           # beside the lesion's cell (2, 2)
+    features[1, 0, 3, 3] = 1.0           # diagonal to it
+    features[2, 0, 2, 4] = 1.0           # two cells away
+    directions = torch.ones(3, 1)
+    masks = torch.zeros(3, 1, 24, 24)
+    masks[:, :, 9:11, 9:11] = 1.0        # a lesion inside cell (2, 2) only
+    per_image = [lesion_attention_loss(features[i:i + 1], directions[i:i + 1], masks[i:i + 1], margin)
+                 for margin in (0, 1, 2) for i in range(3)]
+    assert [round(v.item(), 4) for v in per_image] == [1, 1, 1, 0, 0, 1, 0, 0, 0]
+
+
 def test_class_direction_of_the_malignant_class_is_the_malignancy_logits_gradient():
     torch.manual_seed(1)
     model = build_model("none", 3, (1,)).eval()
