@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--masks", action="store_true",
                     help="lesion-attention loss on the training sites' masks (<data>/masks/<site>/)")
     ap.add_argument("--mask-weight", type=float, default=1.0)
-    ap.add_argument("--mask-margin", type=int, default=0, help="cells around the lesion that count as inside")
+    ap.add_argument("--mask-margin", type=int, default=0, choices=range(4),
+                    help="cells around the lesion that count as inside (as train --mask-margin)")
     ap.add_argument("--erase-lesions", type=float, default=0.0,
                     help="with --masks: probability of a masked image trained as its lesion-free copy (normal)")
     ap.add_argument("--aspect-augment", type=float, default=1.0,

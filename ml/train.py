@@ -491,7 +491,8 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
 
     With ``folds >= 2`` every fold is trained and its checkpoint written as
     ``OUT.foldK.pt``; ``OUT`` gets the fold with the best validation ROC-AUC and the
-    summary carries each metric's mean and standard deviation across folds.
+    summary carries each metric's mean and standard deviation across folds. A single split's
+    summary names its validation images (``val_paths``), so a caller can judge parts of them.
     """
     out = Path(cfg.out)
     index = scan_folder(cfg.data, cfg.positive_classes)
