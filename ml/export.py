@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from ml import MLError
 EXPORT_LABELS = ("malignant", "benign", "normal")
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("case_id", "file", "label", "verdict", "class_source", "source", "n_reviews", "votes_cancer", "votes_normal",
-                   "model_label", "model_version", "sha256", "file_sha256", "first_review_at", "last_review_at")
+                   "model_label", "model_version", "sha256", "file_sha256", "first_review_at", "last_review_at",
+                   "patient_key")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm"}
 
 
@@ -51,6 +53,7 @@ class FeedbackImage:
     last_review_at: str = ""
     verdict: str = ""                # the reviewers' consensus: cancer (malignant) or normal (not)
     class_source: str = ""           # where a not-malignant class came from: reviewers, model or default
+    patient_key: str = ""            # the case's per-site patient pseudonym (DICOM), "" when unknown
 
 
 @dataclass
@@ -138,7 +141,7 @@ def write_feedback_folder(items: Iterable[FeedbackImage], out_dir: str | Path) -
                      "n_reviews": item.n_reviews, "votes_cancer": item.votes_cancer, "votes_normal": item.votes_normal,
                      "model_label": item.model_label, "model_version": item.model_version, "sha256": item.sha256,
                      "file_sha256": hashlib.sha256(data).hexdigest(), "first_review_at": item.first_review_at,
-                     "last_review_at": item.last_review_at})
+                     "last_review_at": item.last_review_at, "patient_key": item.patient_key})
     for old in previous:
         relative = old.get("file", "")
         # Only our own names in our own folders: a damaged manifest cannot delete elsewhere.
@@ -167,6 +170,18 @@ class MergeSummary:
     left_out_locked_test: int = 0
     per_label: dict[str, int] = field(default_factory=dict)
     fingerprint: str = ""
+    n_grouped: int = 0       # images whose patient is known (a manifest's patient_key, or the base pattern)
+    n_patients: int = 0      # distinct patients among them
+
+
+# A merged image whose patient is known carries a group tag in its name; ml.train's
+# ``group_pattern`` with this pattern keeps one patient's images on one side of the split.
+MERGED_GROUP_PATTERN = r"\.g([0-9a-f]{12})\."
+
+
+def _group_tag(kind: str, key: str) -> str:
+    """A file-name-safe tag for one patient (a digest: names and keys may hold any character)."""
+    return hashlib.sha256(f"{kind}\0{key}".encode()).hexdigest()[:12]
 
 
 def _sha256_file(path: Path) -> str:
@@ -200,7 +215,7 @@ def locked_test_digests(locked_test: str | Path) -> set[str]:
 
 def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, locked_test: str | Path,
                         out_dir: str | Path, positive_classes: Sequence[str] = ("cancer", "malignant"),
-                        feedback_copies: int = 1) -> MergeSummary:
+                        feedback_copies: int = 1, group_pattern: str | None = None) -> MergeSummary:
     """Build a malignant/benign/normal ImageFolder for training from base data plus a feedback
     export (a base folder with only cancer/normal gives malignant/normal: a binary run).
 
@@ -214,8 +229,17 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
     content, or whose original upload, is in the locked test set never enters training.
     Files are named by their sha256, so the data fingerprint depends on content and
     labels only. ``out_dir`` is rebuilt from scratch.
+
+    Where the patient is known (a reviewed case's ``patient_key`` in the manifest, or a
+    base file name matched by ``group_pattern``: its first group, or the whole match), the
+    name also carries a tag of the patient (``DIGEST.gTAG.png``; see MERGED_GROUP_PATTERN)
+    so that training can keep each patient's images on one side of the validation split.
     """
     positive = [p.lower() for p in positive_classes]
+    try:
+        base_rx = re.compile(group_pattern) if group_pattern else None
+    except re.error as exc:
+        raise ExportError(f"group pattern {group_pattern!r} is not a regular expression: {exc}") from None
     locked = locked_test_digests(locked_test)
     out = Path(out_dir)
     if out.exists():
@@ -224,6 +248,7 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
         raise ExportError("feedback_copies must be at least 1")
     chosen: dict[str, tuple[Path, str]] = {}   # content sha256 -> (file, label)
     from_feedback: set[str] = set()
+    tags: dict[str, str] = {}                  # content sha256 -> patient tag, where known
     summary = MergeSummary()
     for path, class_name in _folder_images(Path(base_data)):
         digest = _sha256_file(path)
@@ -234,6 +259,9 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
         else:
             chosen[digest] = (path, _label_of(class_name, positive))
             summary.n_base += 1
+            match = base_rx.search(path.name) if base_rx is not None else None
+            if match:
+                tags[digest] = _group_tag("name", match.group(1) if base_rx.groups else match.group(0))
     if feedback_dir is not None:
         feedback = Path(feedback_dir)
         for row in _read_manifest(feedback / MANIFEST):
@@ -251,20 +279,26 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
                 summary.duplicates_removed += 1
                 summary.n_base -= 1
                 del chosen[digest]
+                tags.pop(digest, None)
             chosen[row["sha256"]] = (path, row["label"])
+            if row.get("patient_key"):
+                tags[row["sha256"]] = _group_tag("patient", row["patient_key"])
             from_feedback.add(row["sha256"])
             summary.n_feedback += 1
     if not chosen:
         raise ExportError("no training images left after merging")
     lines = []
     for digest, (path, label) in sorted(chosen.items()):
-        target = out / label / f"{digest}{path.suffix.lower()}"
+        stem = f"{digest}.g{tags[digest]}" if digest in tags else digest
+        target = out / label / f"{stem}{path.suffix.lower()}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         summary.per_label[label] = summary.per_label.get(label, 0) + 1
         lines.append(f"{digest}\t{label}")
         for k in range(2, feedback_copies + 1 if digest in from_feedback else 0):
-            shutil.copyfile(path, target.with_name(f"{digest}.c{k}{path.suffix.lower()}"))
+            shutil.copyfile(path, target.with_name(f"{stem}.c{k}{path.suffix.lower()}"))
             lines.append(f"{digest}.c{k}\t{label}")
+    summary.n_grouped = len(tags)
+    summary.n_patients = len(set(tags.values()))
     summary.fingerprint = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     return summary

@@ -90,7 +90,7 @@ def select_feedback(since: datetime | None = None, min_reviews: int = 1, rule: s
             n_reviews=len(reviews), votes_cancer=votes["cancer"], votes_normal=votes["normal"],
             model_label=latest.model_label or "", model_version=latest.model_version.name if latest.model_version else "",
             first_review_at=_iso(min(r.submitted_at for r in reviews)),
-            last_review_at=_iso(max(r.submitted_at for r in reviews))))
+            last_review_at=_iso(max(r.submitted_at for r in reviews)), patient_key=case.patient_key or ""))
     return export
 
 

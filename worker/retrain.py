@@ -124,21 +124,28 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
             init: str = "active", promote: str = "auto", img_size: int | None = None, batch_size: int = 32,
             seed: int = 0, min_reviews: int = 1, consensus_rule: str = "majority",
             target_sensitivity: float | None = None, n_boot: int = 1000, name: str | None = None,
-            actor: User | None = None, feedback_weight: int = 1) -> RetrainOutcome:
+            actor: User | None = None, feedback_weight: int = 1, group_pattern: str | None = None) -> RetrainOutcome:
     """Run the whole loop once and return what happened (see the module docstring).
 
     The new version is registered whatever the decision (with its parent, data
     fingerprint, locked-test metrics and ROC curve), so a refused model can still be
     inspected or promoted by hand later. Raises RetrainError or ml.MLError for input
     an admin can fix; nothing is registered then.
+
+    Images whose patient is known (a reviewed DICOM case's ``patient_key``; a base file
+    name matched by ``group_pattern``) keep each patient on one side of the fine-tune's
+    validation split, from which the new threshold and calibration are fitted.
     """
     from ml.evaluate import evaluate_folder, write_report
-    from ml.export import merge_training_data
+    from ml.export import MERGED_GROUP_PATTERN, merge_training_data
     from ml.checkpoint import load_checkpoint
+    from ml.data import compile_group_pattern
     from ml.train import TrainConfig, fit
 
     if init not in INIT_MODES:
         raise RetrainError(f"--init must be one of {', '.join(INIT_MODES)}")
+    if group_pattern:
+        compile_group_pattern(group_pattern)   # a broken pattern fails before anything is written
     if promote not in PROMOTE_MODES:
         raise RetrainError(f"--promote must be one of {', '.join(PROMOTE_MODES)}")
     target = current_app.config["RETRAIN_TARGET_SENSITIVITY"] if target_sensitivity is None else target_sensitivity
@@ -154,13 +161,14 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
 
     feedback = export_feedback(work / "feedback", min_reviews=min_reviews, rule=consensus_rule)
     merge = merge_training_data(base_data, work / "feedback", locked_test, work / "train",
-                                feedback_copies=feedback_weight)
+                                feedback_copies=feedback_weight, group_pattern=group_pattern)
     size = img_size or (active.input_size if active is not None and active.input_size else 224)
     checkpoint = work / "candidate.pt"
     checkpoint.unlink(missing_ok=True)
     cfg = TrainConfig(data=str(work / "train"), out=str(checkpoint), epochs=epochs,
                       weights=str(active_path) if init == "active" else init, img_size=size,
-                      batch_size=batch_size, seed=seed, target_sensitivity=target, progress=False)
+                      batch_size=batch_size, seed=seed, target_sensitivity=target, progress=False,
+                      group_pattern=MERGED_GROUP_PATTERN if merge.n_grouped else None)
     fit(cfg)
 
     candidate_eval = evaluate_folder(checkpoint, locked_test, n_boot=n_boot)
@@ -180,7 +188,8 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
                           "relabelled_by_feedback": merge.relabelled_by_feedback,
                           "left_out_locked_test": merge.left_out_locked_test, "per_label": merge.per_label,
                           "feedback_left_out": dict(feedback.left_out), "init": init, "epochs": epochs,
-                          "feedback_weight": feedback_weight},
+                          "feedback_weight": feedback_weight, "group_pattern": group_pattern,
+                          "images_with_patient": merge.n_grouped, "patients": merge.n_patients},
         "roc_key": roc_key,
         "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
                       "target_sensitivity": target},

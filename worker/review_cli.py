@@ -69,8 +69,11 @@ def export_feedback_command(out_dir: str, since: str | None, min_reviews: int, r
 @click.option("--name", help="name of the new version (default v1, v2, ...)")
 @click.option("--feedback-weight", default=1, show_default=True, type=click.IntRange(1, 50),
               help="each reviewed image counts this many times in training (a site's few cases against a large base set)")
+@click.option("--group-pattern", help="regular expression on the base data's file names whose first group (or whole "
+              "match) names the patient, e.g. '^([A-Z]{4})_'; reviewed DICOM cases are grouped by their patient key "
+              "without it. One patient's images stay on one side of the validation split")
 def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size, min_reviews, rule,
-            target_sensitivity, work_dir, name, feedback_weight) -> None:
+            target_sensitivity, work_dir, name, feedback_weight, group_pattern) -> None:
     """Export feedback, merge with base data, train, compare on the locked test set, register, gate."""
     from ml import MLError
     from worker.retrain import RetrainError, comparison_table
@@ -82,13 +85,16 @@ def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size,
                                   promote=promote, img_size=img_size, batch_size=batch_size,
                                   min_reviews=min_reviews, consensus_rule=rule,
                                   target_sensitivity=target_sensitivity, name=name,
-                                  feedback_weight=feedback_weight)
+                                  feedback_weight=feedback_weight, group_pattern=group_pattern)
         except (RetrainError, MLError) as exc:
             raise click.ClickException(f"retraining stopped: {exc}") from None
         m = outcome.merge
         click.echo(f"training data: {m.n_base} base + {m.n_feedback} reviewed image(s); {m.duplicates_removed} "
                    f"duplicate(s) removed, {m.relabelled_by_feedback} relabelled by reviewers, "
                    f"{m.left_out_locked_test} left out as locked-test images")
+        if m.n_grouped:
+            click.echo(f"patients known for {m.n_grouped} image(s) ({m.n_patients} patient(s)): each kept on one "
+                       f"side of the validation split")
         click.echo(f"registered {outcome.version.name} (parent {outcome.previous.name if outcome.previous else 'none'}, "
                    f"data {outcome.version.data_fingerprint[:12]})")
         for line in comparison_table(outcome):

@@ -150,3 +150,45 @@ def test_feedback_copies_weigh_reviewed_images_and_leave_base_images_single(tmp_
     assert thrice.fingerprint != once.fingerprint
     with pytest.raises(ExportError, match="at least 1"):
         merge_training_data(base, feedback, locked, tmp_path / "none", feedback_copies=0)
+
+
+def test_merge_tags_each_known_patient_so_training_keeps_them_on_one_side(tmp_path):
+    from ml.data import named_groups
+    from ml.export import MERGED_GROUP_PATTERN
+
+    base, locked, feedback = tmp_path / "base", tmp_path / "locked", tmp_path / "feedback"
+    for folder, name, value in [(base, "malignant/ABCD_1.png", 10), (base, "malignant/ABCD_2.png", 11),
+                                (base, "normal/EFGH_1.png", 12), (base, "benign/loose.png", 13),
+                                (locked, "normal/z.png", 90)]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(_png(value))
+    write_feedback_folder([FeedbackImage(1, _png(60), "benign", _sha(_png(60)), patient_key="k1"),
+                           FeedbackImage(2, _png(61), "malignant", _sha(_png(61)), patient_key="k1"),
+                           FeedbackImage(3, _png(62), "normal", _sha(_png(62)))], feedback)
+    assert [r["patient_key"] for r in _manifest(feedback)] == ["k1", "k1", ""]
+    plain = merge_training_data(base, feedback, locked, tmp_path / "plain")
+    grouped = merge_training_data(base, feedback, locked, tmp_path / "grouped", feedback_copies=2,
+                                  group_pattern=r"^([A-Z]{4})_")
+    # names: DIGEST[.gTAG][.cK].png; a tag only where the patient is known
+    assert (plain.n_grouped, plain.n_patients) == (2, 1)         # the reviewed patient k1 only
+    assert (grouped.n_grouped, grouped.n_patients) == (5, 3)   # ABCD x2, EFGH, k1 x2
+    paths = sorted((tmp_path / "grouped").rglob("*.png"))
+    assert len(paths) == 7 + 3   # 7 images, the 3 reviewed ones twice
+    tag = {p.name.split(".")[0]: (p.name.split(".")[1] if ".g" in p.name else None) for p in paths}
+    assert tag[_sha(_png(10))] == tag[_sha(_png(11))] != tag[_sha(_png(12))]
+    assert tag[_sha(_png(60))] == tag[_sha(_png(61))] not in (tag[_sha(_png(10))], tag[_sha(_png(12))])
+    assert tag[_sha(_png(13))] is None and tag[_sha(_png(62))] is None
+    # the content fingerprint does not depend on the tags
+    assert grouped.fingerprint == merge_training_data(base, feedback, locked, tmp_path / "p2", feedback_copies=2).fingerprint
+    # what ml.train does with the pattern (its near-duplicate groups stand here as one per digest,
+    # which is what they make of identical copies): one group per patient, untagged images alone
+    digests = sorted({p.name.split(".")[0] for p in paths})
+    groups = named_groups(paths, MERGED_GROUP_PATTERN, [digests.index(p.name.split(".")[0]) for p in paths])
+    by_digest: dict[str, set] = {}
+    for p, g in zip(paths, groups):
+        by_digest.setdefault(p.name.split(".")[0], set()).add(int(g))
+    assert all(len(g) == 1 for g in by_digest.values())  # a copy stays with its original
+    assert len(set(groups.tolist())) == 5   # ABCD, EFGH, k1, loose, the untagged review
+    with pytest.raises(ExportError, match="not a regular expression"):
+        merge_training_data(base, feedback, locked, tmp_path / "bad", group_pattern="([A-Z")
+    assert not (tmp_path / "bad").exists()

@@ -396,6 +396,10 @@ def test_name_and_id_are_nowhere_after_upload_prediction_review_and_export(make_
         exported = export_feedback(out)
         assert len(exported.items) == 1
         db.engine.dispose()
+    # the export keeps the pseudonym (so retraining can keep a patient on one side of its split)
+    manifest = (out / "manifest.csv").read_text().splitlines()
+    header, row = manifest[0].split(","), manifest[1].split(",")
+    assert row[header.index("patient_key")] == case["dicom"]["patient_key"]
     files = _all_bytes(out) + _all_bytes(Path(app.config["STORAGE_DIR"])) + _all_bytes(Path(app.config["INSTANCE_PATH"]))
     assert any(p.suffix == ".png" for p, _ in _all_bytes(out))
     # Positive controls: the database files hold this case's kept metadata, the store its PNG.

@@ -103,3 +103,30 @@ def test_refused_version_needs_force_and_rollback_walks_back(app, tmp_path, mali
         rollback = events["model.rollback"]
         assert rollback.actor is None and rollback.details["os_user"] == getpass.getuser()
         assert rollback.details["via"] == "command line"
+
+
+def test_retrain_keeps_a_named_patient_on_one_side_of_the_split(app, tmp_path, malignant_checkpoint, run_cli):
+    from ml.checkpoint import load_checkpoint
+    from ml.export import MERGED_GROUP_PATTERN
+    from webapp.extensions import db
+    from webapp.models import ModelVersion
+
+    register_model(app, malignant_checkpoint, name="demo")
+    base = make_folder(tmp_path / "busi", n_per_class=6, classes=BUSI, seed=1)
+    locked = make_folder(tmp_path / "LOCKED", n_per_class=4, classes=BUSI, seed=2)
+    broken = run_cli("retrain", "--base-data", base, "--locked-test", locked, "--group-pattern", "([0-9",
+                     "--work-dir", tmp_path / "broken")
+    assert broken.exit_code == 1 and "not a regular expression" in broken.output
+    assert not (tmp_path / "broken").exists()   # refused before anything was exported or trained
+
+    # "patient" = the last digit of the file name: 6 patients, each with one image of every class
+    work = tmp_path / "work"
+    result = run_cli("retrain", "--base-data", base, "--locked-test", locked, "--epochs", 1, "--promote", "never",
+                     "--group-pattern", r"_\d\d(\d)\.png$", "--work-dir", work)
+    assert result.exit_code == 0, result.output
+    assert "patients known for 18 image(s) (6 patient(s))" in result.output
+    split = load_checkpoint(work / "candidate.pt")["meta"]["split"]
+    assert split["group_pattern"] == MERGED_GROUP_PATTERN and split["n_groups"] == 6
+    with app.app_context():
+        data = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v2")).meta["training_data"]
+        assert (data["group_pattern"], data["images_with_patient"], data["patients"]) == (r"_\d\d(\d)\.png$", 18, 6)
