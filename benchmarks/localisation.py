@@ -135,7 +135,7 @@ def localise(predictor: Predictor, cases: list[Case], variant: str, batch: int,
         t_predict.append((t1 - t0) * 1e3 / len(chunk))
         t_explain.append((t2 - t1) * 1e3 / len(chunk))
         for c, hm in zip(chunk, maps.cpu().numpy()):
-            full = resize_heatmap(hm, c.mask.shape[::-1]).astype(np.float64)
+            full = resize_heatmap(hm, c.mask.shape[::-1], predictor.resize).astype(np.float64)
             total = full.sum()
             hits.append(total > 0 and bool(c.mask.flat[int(np.argmax(full))]))
             mass.append(full[c.mask].sum() / total if total > 0 else 0.0)
@@ -235,7 +235,7 @@ def report_warnings(predictor: Predictor, data: Path, sites: list[str], variant:
             faith.append(np.nan if test is None else test.score)
         for path, hm in zip(chunk, maps.cpu().numpy()):
             with Image.open(path) as im:
-                border.append(border_share(resize_heatmap(hm, im.size)))
+                border.append(border_share(resize_heatmap(hm, im.size, predictor.resize)))
     faith, border, positive = np.array(faith), np.array(border), np.array(positive)
     measured = faith[~np.isnan(faith)]
     measured_positive = faith[~np.isnan(faith) & positive]

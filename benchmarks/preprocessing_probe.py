@@ -62,7 +62,8 @@ def kept_area(site: str) -> list[float]:
 def flip_tta(predictor: Predictor, site: str) -> tuple[dict[str, float], tuple[float, float]]:
     """ROC-AUC of the plain, mirrored and averaged logits, and the patient-bootstrap 95 %
     interval of the averaged minus the plain."""
-    cache = cache_images(scan_folder(DATA / site, positive_classes=["malignant"]), predictor.input_size)
+    cache = cache_images(scan_folder(DATA / site, positive_classes=["malignant"]), predictor.input_size,
+                         resize=predictor.resize)
     y = cache.targets.numpy()
     logits = {}
     for name, view in (("plain", lambda x: x), ("mirrored", lambda x: x.flip(-1))):

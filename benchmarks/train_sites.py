@@ -55,6 +55,8 @@ def site_files(site: str) -> list[tuple[str, Path, str]]:
     return [(site, p, cls) for cls in CLASSES for p in sorted((root / cls).glob("*")) if p.is_file()]
 
 
+RESIZE = {"squash": "square-bilinear", "letterbox": "letterbox-bilinear"}
+
 # BUS-UCLM's file names start with the patient's four letters: one patient, one side of the split
 PATIENT_PATTERN = r"^bus-uclm__([A-Z]{4})_"
 
@@ -107,7 +109,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
                       mask_margin=args.mask_margin,
                       erase_lesions=args.erase_lesions if masks else 0.0,
                       layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment,
-                      group_pattern=PATIENT_PATTERN)
+                      group_pattern=PATIENT_PATTERN, resize=RESIZE[args.resize])
     t0 = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - t0) / 60
@@ -116,7 +118,8 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
               "masks": bool(masks), "mask_weight": args.mask_weight if masks else 0.0,
               "mask_margin": args.mask_margin if masks else 0,
               "erase_lesions": args.erase_lesions if masks else 0.0,
-              "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
+              "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment,
+              "resize": RESIZE[args.resize], "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"]), "sites": {}}
     for site in train_sites:
         # the validation part fit() held out, judged site by site (merged path: train/CLASS/SITE__NAME)
@@ -135,6 +138,7 @@ def show(report: dict) -> None:
                                report.get("masks")),
                               (f"lesions erased at p {report.get('erase_lesions')}", report.get("erase_lesions")),
                               ("layer4 stride 1", report.get("layer4_stride") == 1),
+                              ("letterboxed input", report.get("resize") == "letterbox-bilinear"),
                               (f"aspect augmentation {report.get('aspect_augment')}",
                                (report.get("aspect_augment") or 1.0) > 1.0)) if on]
     print(f"trained on {' + '.join(report['train_sites'])}{' with ' + ', '.join(extras) if extras else ''}: "
@@ -164,6 +168,8 @@ def main() -> None:
     ap.add_argument("--aspect-augment", type=float, default=1.0,
                     help="random width/height stretch up to this ratio (1 = off)")
     ap.add_argument("--layer4-stride", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--resize", default="squash", choices=sorted(RESIZE),
+                    help="squash each image to the square input, or letterbox it (shape kept; as train --resize)")
     ap.add_argument("--loso", action="store_true", help="leave-one-site-out: one run per held-out site")
     ap.add_argument("--held-out", choices=sorted(SITES),
                     help="train on the other two sites and judge on this one (one leave-one-site-out run)")

@@ -55,6 +55,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--mask-margin", default=0, show_default=True, type=click.IntRange(0, 3), help="with --masks: cells of the last feature map around the lesion that also count as inside (its margin, halo and posterior shadowing)")
 @click.option("--erase-lesions", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="with --masks: probability of training an image with a mask as a lesion-free 'normal' copy (the lesion replaced by the tissue beside it), so each scanner also shows normal frames")
 @click.option("--layer4-stride", type=click.Choice(["1", "2"]), default=None, help="1: an 8 x 8 last feature map at 128 px (finer heatmaps); default: the starting weights' stride, else 2")
+@click.option("--resize", type=click.Choice(["squash", "letterbox"]), default=None, help="squash each image to the square input, or letterbox it (scaled whole by its longer side, black around it: lesion shape kept); default: the starting weights' way, else squash")
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="validate and save an exponential moving average of the weights with this decay (e.g. 0.99); 0 = off")
 @click.option("--time-limit", "time_limit_min", type=click.FloatRange(0, min_open=True), help="stop after this many minutes (checked after each epoch)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
@@ -69,6 +70,8 @@ def train(quiet: bool, no_group_duplicates: bool, no_augment: bool, positive_cla
 
     if opts.get("layer4_stride"):
         opts["layer4_stride"] = int(opts["layer4_stride"])
+    if opts.get("resize"):
+        opts["resize"] = {"squash": "square-bilinear", "letterbox": "letterbox-bilinear"}[opts["resize"]]
     cfg = TrainConfig(**opts, positive_classes=list(positive_classes) or None,
                       group_duplicates=not no_group_duplicates, augment=not no_augment, progress=not quiet)
 

@@ -1,6 +1,7 @@
 """Images in, tensors out: ImageFolder scanning, robust decoding, caching and splits.
 
-Every image becomes 3-channel uint8 at a square size once (the cache); normalisation and
+Every image becomes 3-channel uint8 at a square size once (the cache: squashed or
+letterboxed, RESIZE_MODES); normalisation and
 augmentation then run on whole batches of tensors, so later epochs decode no files.
 """
 from __future__ import annotations
@@ -75,9 +76,42 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
         raise DataError(f"cannot read image {source}: {exc}") from exc
 
 
-def resize_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor 3 x size x size (bilinear with antialiasing, squashed)."""
-    resized = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
+# How an image becomes the model's square input (a checkpoint's ``resize``): squashed to the
+# square, or scaled whole by its longer side and centred on black ("letterbox": shapes kept).
+RESIZE_MODES = ("square-bilinear", "letterbox-bilinear")
+
+
+def check_resize(mode: str) -> str:
+    if mode not in RESIZE_MODES:
+        raise DataError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {mode!r}")
+    return mode
+
+
+def content_box(width: int, height: int, size: int, mode: str = "square-bilinear") -> tuple[int, int, int, int]:
+    """Where a ``width`` x ``height`` image lies in the ``size`` x ``size`` input:
+    (left, top, right, bottom), the whole square unless letterboxed."""
+    if check_resize(mode) == "square-bilinear" or width == height:
+        return 0, 0, size, size
+    scale = size / max(width, height)
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    left, top = (size - w) // 2, (size - h) // 2
+    return left, top, left + w, top + h
+
+
+def fit_square(image: Image.Image, size: int, mode: str = "square-bilinear") -> Image.Image:
+    """``image`` as the ``size`` x ``size`` input (bilinear with antialiasing; see RESIZE_MODES)."""
+    left, top, right, bottom = content_box(*image.size, size, mode)
+    resized = image.resize((right - left, bottom - top), Image.BILINEAR, reducing_gap=None)
+    if resized.size == (size, size):
+        return resized
+    canvas = Image.new(image.mode, (size, size))   # black (0) around the image
+    canvas.paste(resized, (left, top))
+    return canvas
+
+
+def resize_to_tensor(image: Image.Image, size: int, mode: str = "square-bilinear") -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor 3 x size x size (squashed, or letterboxed: RESIZE_MODES)."""
+    resized = fit_square(image, size, mode)
     return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -90,9 +124,10 @@ def normalise(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[fl
 
 
 def preprocess(images: Iterable[str | Path | Image.Image], size: int,
-               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """Evaluation preprocessing exactly as training: RGB, square resize, ImageNet normalisation."""
-    tensors = [resize_to_tensor(load_image(img), size) for img in images]
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+               resize: str = "square-bilinear") -> torch.Tensor:
+    """Evaluation preprocessing exactly as training: RGB, square input, ImageNet normalisation."""
+    tensors = [resize_to_tensor(load_image(img), size, resize) for img in images]
     if not tensors:
         raise DataError("no images given")
     return normalise(torch.stack(tensors), mean, std)
@@ -172,13 +207,16 @@ class CachedImages:
     paths: list[Path]
     skipped: list[tuple[Path, str]]  # unreadable files with the reason
     classes: torch.Tensor | None = None  # N int64: index into the folder's class names
+    resize: str = "square-bilinear"      # how they were fitted to the square (RESIZE_MODES)
 
 
-def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: bool = False) -> CachedImages:
-    """Decode every file of ``index`` once at ``size`` x ``size``.
+def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: bool = False,
+                 resize: str = "square-bilinear") -> CachedImages:
+    """Decode every file of ``index`` once at ``size`` x ``size`` (``resize``: RESIZE_MODES).
 
     Unreadable files are logged by name and listed in ``skipped`` (``strict=True`` raises).
     """
+    check_resize(resize)
     tensors, targets, kept, skipped, classes = [], [], [], [], []
     iterator = zip(index.paths, index.targets, index.class_of)
     if progress:
@@ -186,7 +224,7 @@ def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: 
         iterator = tqdm(list(iterator), desc=f"decode {size}px", unit="img", leave=False)
     for path, target, class_index in iterator:
         try:
-            tensors.append(resize_to_tensor(load_image(path), size))
+            tensors.append(resize_to_tensor(load_image(path), size, resize))
         except DataError as exc:
             skipped.append((path, str(exc.__cause__ or exc)))
             continue
@@ -201,15 +239,16 @@ def cache_images(index: FolderIndex, size: int, strict: bool = False, progress: 
     if not tensors:
         raise DataError(f"none of the {len(index)} files in {index.root} could be read")
     return CachedImages(torch.stack(tensors), torch.tensor(targets), kept, skipped,
-                        torch.tensor(classes, dtype=torch.int64))
+                        torch.tensor(classes, dtype=torch.int64), resize)
 
 
-def load_masks(paths: Sequence[Path], mask_dir: str | Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_masks(paths: Sequence[Path], mask_dir: str | Path, size: int,
+               resize: str = "square-bilinear") -> tuple[torch.Tensor, torch.Tensor]:
     """Lesion masks for the images at ``paths``: (N x 1 x size x size uint8, N bool "has a mask").
 
     ``mask_dir`` holds one grey PNG per image with a lesion, named as the image (or its stem
-    plus ``.png``), in any sub-folder: 255 (over 127) = lesion. It is resized square exactly
-    like the image, so mask and image stay aligned. Images without a mask get zeros and
+    plus ``.png``), in any sub-folder: 255 (over 127) = lesion. It is resized (``resize``)
+    exactly like the image, so mask and image stay aligned. Images without a mask get zeros and
     ``False``: no supervision, not "no lesion".
     """
     root = Path(mask_dir)
@@ -224,7 +263,7 @@ def load_masks(paths: Sequence[Path], mask_dir: str | Path, size: int) -> tuple[
             continue
         try:
             with Image.open(file) as img:
-                grey = img.convert("L").resize((size, size), Image.BILINEAR, reducing_gap=None)
+                grey = fit_square(img.convert("L"), size, resize)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise DataError(f"cannot read mask {file}: {exc}") from exc
         m = torch.from_numpy((np.asarray(grey) > 127).astype(np.uint8) * 255)

@@ -39,7 +39,7 @@ def predict_folder(predictor: Predictor, data: str | Path, batch_size: int = 64,
     from ml.train import model_outputs
 
     index = scan_folder(data, positive_names(predictor.meta.get("positive_classes")))
-    cache = cache_images(index, predictor.input_size, progress=progress)
+    cache = cache_images(index, predictor.input_size, progress=progress, resize=predictor.resize)
     output = model_outputs(predictor.model, cache.images, batch_size, predictor.device,
                            predictor.meta["mean"], predictor.meta["std"])
     probs = predictor.calibrated(output).numpy().astype(np.float64)

@@ -542,7 +542,7 @@ def explain_images(predictor: Any, images: Sequence[str | Path | Image.Image], m
         maps_np = maps.cpu().numpy()
         for original, p, (cls, dist), hm, test in zip(originals, shown, classes, maps_np, tests):
             t4 = time.perf_counter()
-            full = resize_heatmap(hm, original.size)
+            full = resize_heatmap(hm, original.size, predictor.resize)
             share = border_share(full, border_width)
             result = ExplanationResult(
                 probability=p, label=predictor.label_for(p), threshold=float(predictor.threshold),

@@ -50,9 +50,14 @@ class Predictor:
     def input_size(self) -> int:
         return int(self.meta["input_size"])
 
+    @property
+    def resize(self) -> str:
+        """How an image becomes the square input (ml.data.RESIZE_MODES); older checkpoints squash."""
+        return str(self.meta.get("resize") or "square-bilinear")
+
     def to_batch(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
         """Images (paths or PIL) -> normalised tensor on the model's device."""
-        uint8 = torch.stack([resize_to_tensor(load_image(im), self.input_size) for im in images])
+        uint8 = torch.stack([resize_to_tensor(load_image(im), self.input_size, self.resize) for im in images])
         return normalise(uint8.to(self.device), self.meta["mean"], self.meta["std"])
 
     def label_for(self, probability: float) -> str:

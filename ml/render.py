@@ -41,9 +41,17 @@ def colormap_table(name: str = DEFAULT_COLORMAP) -> np.ndarray:
     return table
 
 
-def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a [0, 1] float heatmap to ``size`` = (width, height), kept in [0, 1]."""
+def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int], resize: str = "square-bilinear") -> np.ndarray:
+    """Bilinear resize of a [0, 1] float heatmap to ``size`` = (width, height), kept in [0, 1].
+
+    ``resize`` is how the image became the model's square input (ml.data.RESIZE_MODES): for a
+    letterboxed input only the part over the image is kept, so the map lands on the image."""
     heatmap = np.asarray(heatmap, dtype=np.float32)
+    if resize != "square-bilinear":
+        from ml.data import content_box
+
+        left, top, right, bottom = content_box(size[0], size[1], heatmap.shape[0], resize)
+        heatmap = heatmap[top:bottom, left:right]
     if heatmap.shape[::-1] == tuple(size):
         return heatmap.copy()
     resized = np.asarray(Image.fromarray(heatmap).resize(size, Image.BILINEAR), dtype=np.float32)

@@ -61,6 +61,7 @@ class TrainConfig:
     mask_margin: int = 0              # grid cells around the lesion that also count as inside (its surroundings)
     erase_lesions: float = 0.0        # probability of training a masked image as a lesion-free "normal"
     layer4_stride: int | None = None  # 1: an 8 x 8 last feature map at 128 px; None: the start weights' (else 2)
+    resize: str | None = None         # "square-bilinear" or "letterbox-bilinear" (ml.data.RESIZE_MODES); None: the start weights' (else square)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
     time_limit_min: float | None = None
     resume: bool = False
@@ -286,7 +287,7 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
         "seen_images": seen_images,
         "class_names": class_names, "positive_classes": positive_classes,
         "labels": list(LABEL_NAMES), "input_size": cfg.img_size,
-        "resize": "square-bilinear", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "resize": cache.resize, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "threshold": threshold, "threshold_default": 0.5,
         "target_sensitivity": cfg.target_sensitivity,
         "val_metrics": val_metrics, "data_fingerprint": fingerprint, "split": split,
@@ -296,17 +297,30 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
     }
 
 
-def weights_layer4_stride(weights: str) -> int:
-    """The layer4 stride of the starting weights when they are one of our checkpoints (a
-    fine-tune keeps its parent's geometry), else torchvision's 2."""
+def _start_meta(weights: str) -> dict[str, Any]:
+    """The metadata of the starting weights when they are one of our checkpoints, else {}."""
     if weights in ("none", "imagenet") or not Path(weights).is_file():
-        return 2
+        return {}
     try:
         payload = read_checkpoint_file(Path(weights))
     except CheckpointError:
-        return 2
+        return {}
     meta = payload.get("meta") if isinstance(payload, dict) else None
-    return int((meta or {}).get("layer4_stride") or 2)
+    return meta if isinstance(meta, dict) else {}
+
+
+def weights_layer4_stride(weights: str) -> int:
+    """The layer4 stride of the starting weights when they are one of our checkpoints (a
+    fine-tune keeps its parent's geometry), else torchvision's 2."""
+    return int(_start_meta(weights).get("layer4_stride") or 2)
+
+
+def resize_mode(cfg: TrainConfig) -> str:
+    """How images become the square input: ``cfg.resize``, else the starting checkpoint's (a
+    fine-tune keeps its parent's), else squashed."""
+    from ml.data import check_resize
+
+    return check_resize(cfg.resize or _start_meta(cfg.weights).get("resize") or "square-bilinear")
 
 
 # A class folder with fewer images cannot be learnt as a class of its own: the run is binary.
@@ -374,7 +388,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     y_val_labels = labels[val_idx]
     stride = cfg.layer4_stride or weights_layer4_stride(cfg.weights)
     model = build_model(cfg.weights, num_outputs, positive_idx if several else None, stride)
-    masks, has_mask = (load_masks(cache.paths, cfg.masks, cache.images.shape[-1])
+    masks, has_mask = (load_masks(cache.paths, cfg.masks, cache.images.shape[-1], cache.resize)
                        if cfg.masks else (None, None))
     if has_mask is not None:
         log.info("lesion masks for %d of %d images (%d in the training part)",
@@ -500,7 +514,8 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
         raise MLError("erasing lesions needs lesion masks (--masks)")
     if cfg.group_pattern:  # a bad pattern fails before the images are read
         compile_group_pattern(cfg.group_pattern)
-    cache = cache_images(index, cfg.img_size, strict=cfg.strict, progress=cfg.progress)
+    resize = resize_mode(cfg)   # a bad mode fails before the images are read
+    cache = cache_images(index, cfg.img_size, strict=cfg.strict, progress=cfg.progress, resize=resize)
     fingerprint = index.fingerprint()
     if cache.skipped:
         fingerprint["n_skipped"] = len(cache.skipped)

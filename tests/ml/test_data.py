@@ -148,3 +148,41 @@ def test_fingerprint_changes_with_labels(tmp_path):
     assert a["n_files"] == 4 and len(a["sha256"]) == 64
     (root / "normal" / "normal_000.png").rename(root / "cancer" / "moved.png")
     assert scan_folder(root).fingerprint()["sha256"] != a["sha256"]
+
+
+def test_letterbox_keeps_the_shape_and_the_mask_stays_on_its_lesion(tmp_path):
+    from ml.data import content_box, fit_square, load_masks, resize_to_tensor
+
+    # a 120 x 60 frame, a bright 40 x 20 "lesion" at its centre, and the radiologist's mask of it
+    frame = np.full((60, 120), 40, np.uint8)
+    frame[20:40, 40:80] = 220
+    Image.fromarray(frame, "L").save(tmp_path / "case.png")
+    Image.fromarray(np.where(frame > 100, 255, 0).astype(np.uint8), "L").save(tmp_path / "mask.png")
+    image = load_image(tmp_path / "case.png")
+    assert content_box(120, 60, 32, "letterbox-bilinear") == (0, 8, 32, 24)
+    assert content_box(120, 60, 32, "square-bilinear") == content_box(50, 50, 32, "letterbox-bilinear") == (0, 0, 32, 32)
+    boxed = resize_to_tensor(image, 64, "letterbox-bilinear")[0].numpy()
+    assert (boxed[:16] == 0).all() and (boxed[48:] == 0).all()          # black bands above and below
+    lesion = boxed > 130
+
+    def ratio(spot):  # width / height of the bright spot
+        rows, cols = np.nonzero(spot)
+        return (np.ptp(cols) + 1) / (np.ptp(rows) + 1)
+
+    assert 1.7 < ratio(lesion) < 2.3                                     # still twice as wide as tall
+    assert 0.8 < ratio(resize_to_tensor(image, 64)[0].numpy() > 130) < 1.2   # squashing made it square
+    # the default is exactly the squash used before the option existed
+    old = np.asarray(image.resize((32, 32), Image.BILINEAR, reducing_gap=None))
+    assert np.array_equal(resize_to_tensor(image, 32).permute(1, 2, 0).numpy(), old)
+    masks, has = load_masks([tmp_path / "case.png"], _mask_dir(tmp_path), 64, "letterbox-bilinear")
+    assert has.tolist() == [True] and np.array_equal(masks[0, 0].numpy() > 0, lesion)
+    assert fit_square(Image.new("L", (7, 3)), 16, "letterbox-bilinear").size == (16, 16)
+    with pytest.raises(DataError, match="resize must be one of"):
+        resize_to_tensor(image, 32, "crop")
+
+
+def _mask_dir(tmp_path):
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    (tmp_path / "mask.png").rename(folder / "case.png")
+    return folder

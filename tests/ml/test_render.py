@@ -133,3 +133,17 @@ def test_page_legend_uses_the_render_colours_and_transparency():
     assert "<script" not in partial and "style=" not in partial
     detail = (ROOT / "templates" / "cases" / "detail.html").read_text()
     assert '{% include "cases/_heatmap_legend.html" %}' in detail
+
+
+def test_a_letterboxed_heatmap_lands_on_the_image_not_on_the_bands():
+    from ml.render import resize_heatmap
+
+    # a 32 x 32 input map of a 120 x 60 image: the image fills rows 8..23; hot at its top-left
+    hm = np.zeros((32, 32), np.float32)
+    hm[8:12, 0:4] = 1.0
+    full = resize_heatmap(hm, (120, 60), "letterbox-bilinear")
+    assert full.shape == (60, 120)
+    rows, cols = np.nonzero(full > 0.5)
+    assert rows.max() < 20 and cols.max() < 20          # the image's own top-left corner
+    squashed = resize_heatmap(hm, (120, 60))           # read as squashed it would sit lower
+    assert np.nonzero(squashed > 0.5)[0].min() >= 13

@@ -128,3 +128,29 @@ def test_training_learns_an_easy_task(tmp_path):
     out = tmp_path / "m.pt"
     fit(config(data, out, epochs=6, lr=2e-3))
     assert load_checkpoint(out)["meta"]["val_metrics"]["at_0.5"]["roc_auc"] >= 0.8
+
+
+def test_letterbox_is_recorded_used_for_prediction_and_kept_by_a_fine_tune(tiny_folder, tmp_path):
+    from PIL import Image
+
+    from ml.data import preprocess
+
+    out = tmp_path / "boxed.pt"
+    fit(config(tiny_folder, out, resize="letterbox-bilinear"))
+    predictor = Predictor.from_checkpoint(out, "cpu")
+    assert predictor.meta["resize"] == predictor.resize == "letterbox-bilinear"
+    image = next(Path(tiny_folder).rglob("*.png"))   # 48 x 40: letterboxing changes its input
+    with Image.open(image) as im:
+        assert im.size[0] != im.size[1]
+    boxed = preprocess([image], 32, resize="letterbox-bilinear")
+    assert torch.equal(predictor.to_batch([image]), boxed)
+    assert not torch.equal(boxed, preprocess([image], 32))
+    tuned = tmp_path / "tuned.pt"
+    fit(config(tiny_folder, tuned, weights=str(out)))           # no --resize: the parent's way
+    assert load_checkpoint(tuned)["meta"]["resize"] == "letterbox-bilinear"
+    plain = tmp_path / "plain.pt"
+    fit(config(tiny_folder, plain))
+    assert load_checkpoint(plain)["meta"]["resize"] == "square-bilinear"   # the default is unchanged
+    with pytest.raises(MLError, match="resize must be one of"):
+        fit(config(tiny_folder, tmp_path / "bad.pt", resize="crop"))
+    assert not (tmp_path / "bad.pt").exists()
