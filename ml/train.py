@@ -500,6 +500,16 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
             "history": history, "checkpoint": str(out)}
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """The ranges the command line enforces, for a config built in Python (MLError names the option)."""
+    ranges = {"mask_margin": (0, 3), "mask_weight": (0, math.inf), "erase_lesions": (0, 1), "ema": (0, 1 - 1e-12),
+              "val_split": (1e-12, 1 - 1e-12), "aspect_augment": (1, 3)}
+    for name, (low, high) in ranges.items():
+        value = getattr(cfg, name)
+        if not low <= value <= high:
+            raise MLError(f"{name} {value!r} is out of range ({low:g} to {high:g})")
+
+
 def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) -> dict[str, Any]:
     """Load the data once, split it (or run k-fold cross-validation) and train.
 
@@ -509,6 +519,7 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
     summary names its validation images (``val_paths``), so a caller can judge parts of them.
     """
     out = Path(cfg.out)
+    check_config(cfg)
     index = scan_folder(cfg.data, cfg.positive_classes)
     if cfg.erase_lesions > 0 and not cfg.masks:
         raise MLError("erasing lesions needs lesion masks (--masks)")

@@ -154,3 +154,11 @@ def test_letterbox_is_recorded_used_for_prediction_and_kept_by_a_fine_tune(tiny_
     with pytest.raises(MLError, match="resize must be one of"):
         fit(config(tiny_folder, tmp_path / "bad.pt", resize="crop"))
     assert not (tmp_path / "bad.pt").exists()
+
+
+@pytest.mark.parametrize("option, value", [("mask_margin", -1), ("mask_margin", 4), ("erase_lesions", 1.5),
+                                           ("ema", 1.0), ("mask_weight", -0.5)])
+def test_options_out_of_range_fail_before_training(tiny_folder, tmp_path, option, value):
+    with pytest.raises(MLError, match=f"{option} .* is out of range"):
+        fit(config(tiny_folder, tmp_path / "m.pt", **{option: value}))
+    assert not (tmp_path / "m.pt").exists()
