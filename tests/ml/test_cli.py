@@ -74,3 +74,33 @@ def test_train_refuses_a_broken_group_pattern_by_name(tmp_path):
                                       "--group-pattern", "([A-Z", "--quiet"])
     assert result.exit_code == 1 and "group pattern '([A-Z' is not a regular expression" in result.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_resize_letterbox_reaches_the_checkpoint_and_evaluate_follows_it(tmp_path):
+    from ml.checkpoint import load_checkpoint
+
+    data = make_folder(tmp_path / "data", n_per_class=6)
+    model = tmp_path / "boxed.pt"
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(model), "--epochs", "1", "--img-size", "32",
+                                      "--batch-size", "4", "--no-group-duplicates", "--resize", "letterbox", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(model)["meta"]["resize"] == "letterbox-bilinear"
+    # the leakage guard hashes evaluated images the way the checkpoint saw them (letterboxed):
+    # copies with one pixel changed are not the same files but are found as near copies
+    import numpy as np
+    from PIL import Image
+
+    copies = tmp_path / "copies"
+    for path in data.rglob("*.png"):
+        pixels = np.asarray(Image.open(path)).copy()
+        pixels[0, 0] = 255 - pixels[0, 0]
+        (copies / path.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(copies / path.parent.name / path.name)
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(model), "--data", str(copies), "--json", str(out),
+                                      "--bootstrap", "100"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert (report["overlap_exact"], report["overlap_near"]) == (0, 12)
+    bad = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--resize", "crop"])
+    assert bad.exit_code == 2 and "crop" in bad.output
