@@ -433,3 +433,22 @@ def test_matches_pytorch_grad_cam_when_installed(resnet):
             r = np.corrcoef(maps[i].numpy().ravel(), reference[i].ravel())[0, 1]
             assert r > 0.99, (ours, i, r)
     assert _hook_count(resnet) == 0
+
+
+def test_a_letterboxed_model_is_explained_on_the_image_it_saw(checkpoint):
+    from ml.render import resize_heatmap
+
+    predictor = Predictor.from_checkpoint(checkpoint, "cpu")
+    predictor.meta["resize"] = "letterbox-bilinear"
+    rng = np.random.default_rng(5)
+    wide = Image.fromarray(rng.integers(0, 255, (60, 150, 3), dtype=np.uint8))
+    result = explain_images(predictor, [wide], "gradcam++", faithfulness=False)[0]
+    batch = predictor.to_batch([wide])
+    assert (batch[0, :, :12] == batch[0, :, :1, :1]).all()     # the black band above the image
+    _, maps = explain(predictor.model, batch, "gradcam++")
+    hm = maps[0].numpy()
+    assert hm.max() == 1.0
+    assert result.heatmap.shape == (60, 150)
+    np.testing.assert_allclose(result.heatmap, resize_heatmap(hm, (150, 60), "letterbox-bilinear"), atol=1e-6)
+    assert not np.allclose(result.heatmap, resize_heatmap(hm, (150, 60)), atol=1e-2)   # not the squashed reading
+    assert result.probability == pytest.approx(predictor.predict([wide])[0].probability, abs=1e-6)
