@@ -36,21 +36,20 @@ from ml.inference import Predictor  # noqa: E402
 from ml.metrics import summarise  # noqa: E402
 from ml.train import TrainConfig, fit  # noqa: E402
 
-from benchmarks.train_sites import link_folder, site_files  # noqa: E402
+from benchmarks.train_sites import link_folder, patient_of, site_files  # noqa: E402
 
 
 def split_by_patient(site: str, seed: int) -> tuple[list, list]:
     """(pool, test): whole patients to each side, about half the malignant patients each."""
     files = site_files(site)
-    patients = sorted({p.name[:4] if site == "bus-uclm" else p.name for _, p, _ in files})
-    malignant = {p.name[:4] if site == "bus-uclm" else p.name for _, p, c in files if c == "malignant"}
+    patients = sorted({patient_of(p, site) for _, p, _ in files})
+    malignant = {patient_of(p, site) for _, p, c in files if c == "malignant"}
     rng = np.random.default_rng(seed)
     order = [p for p in rng.permutation(patients)]
     ranked = [p for p in order if p in malignant] + [p for p in order if p not in malignant]
     pool_patients = set(ranked[0::2])
-    key = (lambda p: p.name[:4]) if site == "bus-uclm" else (lambda p: p.name)
-    pool = [f for f in files if key(f[1]) in pool_patients]
-    test = [f for f in files if key(f[1]) not in pool_patients]
+    pool = [f for f in files if patient_of(f[1], site) in pool_patients]
+    test = [f for f in files if patient_of(f[1], site) not in pool_patients]
     return pool, test
 
 
@@ -102,7 +101,10 @@ def main() -> None:
             print(f"{n:8d} {'recalibrate':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}")
             if args.finetune_minutes <= 0:
                 continue
-            items = [FeedbackImage(i + 1, p, c, hashlib.sha256(p.read_bytes()).hexdigest(), "reviewer")
+            # each case carries its patient, as a DICOM upload's pseudonym would: the fine-tune
+            # keeps a patient's images on one side of its validation split
+            items = [FeedbackImage(i + 1, p, c, hashlib.sha256(p.read_bytes()).hexdigest(), "reviewer",
+                                   patient_key=patient_of(p, args.site))
                      for i, (_, p, c) in enumerate(reviewed)]
             write_feedback_folder(items, work / f"feedback-{n}")
             merge_training_data(base_dir, work / f"feedback-{n}", test_dir, work / f"train-{n}",
