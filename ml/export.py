@@ -273,16 +273,18 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
                 summary.left_out_locked_test += 1
                 continue
             same = [d for d in identities if d in chosen]
+            named = [tags.pop(d) for d in same if d in tags]   # the base file's patient, if its name gave one
             for digest in same:
                 if chosen[digest][1] != row["label"]:
                     summary.relabelled_by_feedback += 1
                 summary.duplicates_removed += 1
                 summary.n_base -= 1
                 del chosen[digest]
-                tags.pop(digest, None)
             chosen[row["sha256"]] = (path, row["label"])
             if row.get("patient_key"):
                 tags[row["sha256"]] = _group_tag("patient", row["patient_key"])
+            elif named:
+                tags[row["sha256"]] = named[0]
             from_feedback.add(row["sha256"])
             summary.n_feedback += 1
     if not chosen:

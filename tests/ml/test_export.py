@@ -164,8 +164,10 @@ def test_merge_tags_each_known_patient_so_training_keeps_them_on_one_side(tmp_pa
         (folder / name).write_bytes(_png(value))
     write_feedback_folder([FeedbackImage(1, _png(60), "benign", _sha(_png(60)), patient_key="k1"),
                            FeedbackImage(2, _png(61), "malignant", _sha(_png(61)), patient_key="k1"),
-                           FeedbackImage(3, _png(62), "normal", _sha(_png(62)))], feedback)
-    assert [r["patient_key"] for r in _manifest(feedback)] == ["k1", "k1", ""]
+                           FeedbackImage(3, _png(62), "normal", _sha(_png(62))),
+                           # EFGH_1 reviewed (as benign) without a key: it stays EFGH's
+                           FeedbackImage(4, _png(12), "benign", _sha(_png(12)))], feedback)
+    assert [r["patient_key"] for r in _manifest(feedback)] == ["k1", "k1", "", ""]
     plain = merge_training_data(base, feedback, locked, tmp_path / "plain")
     grouped = merge_training_data(base, feedback, locked, tmp_path / "grouped", feedback_copies=2,
                                   group_pattern=r"^([A-Z]{4})_")
@@ -173,11 +175,13 @@ def test_merge_tags_each_known_patient_so_training_keeps_them_on_one_side(tmp_pa
     assert (plain.n_grouped, plain.n_patients) == (2, 1)         # the reviewed patient k1 only
     assert (grouped.n_grouped, grouped.n_patients) == (5, 3)   # ABCD x2, EFGH, k1 x2
     paths = sorted((tmp_path / "grouped").rglob("*.png"))
-    assert len(paths) == 7 + 3   # 7 images, the 3 reviewed ones twice
+    assert len(paths) == 7 + 4   # 7 images, the 4 reviewed ones twice
+    assert sum(p.parent.name == "benign" for p in paths) == 2 * 2 + 1   # 60, EFGH_1 relabelled, loose
     tag = {p.name.split(".")[0]: (p.name.split(".")[1] if ".g" in p.name else None) for p in paths}
     assert tag[_sha(_png(10))] == tag[_sha(_png(11))] != tag[_sha(_png(12))]
     assert tag[_sha(_png(60))] == tag[_sha(_png(61))] not in (tag[_sha(_png(10))], tag[_sha(_png(12))])
     assert tag[_sha(_png(13))] is None and tag[_sha(_png(62))] is None
+    assert tag[_sha(_png(12))] is not None
     # the content fingerprint does not depend on the tags
     assert grouped.fingerprint == merge_training_data(base, feedback, locked, tmp_path / "p2", feedback_copies=2).fingerprint
     # what ml.train does with the pattern (its near-duplicate groups stand here as one per digest,
