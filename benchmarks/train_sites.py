@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ml.data import RESIZE_NAMES  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
@@ -54,8 +55,6 @@ def site_files(site: str) -> list[tuple[str, Path, str]]:
     root = DATA / site
     return [(site, p, cls) for cls in CLASSES for p in sorted((root / cls).glob("*")) if p.is_file()]
 
-
-RESIZE = {"squash": "square-bilinear", "letterbox": "letterbox-bilinear"}
 
 # BUS-UCLM's file names start with the patient's four letters: one patient, one side of the split
 PATIENT_PATTERN = r"^bus-uclm__([A-Z]{4})_"
@@ -109,7 +108,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
                       mask_margin=args.mask_margin,
                       erase_lesions=args.erase_lesions if masks else 0.0,
                       layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment,
-                      group_pattern=PATIENT_PATTERN, resize=RESIZE[args.resize])
+                      group_pattern=PATIENT_PATTERN, resize=RESIZE_NAMES[args.resize])
     t0 = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - t0) / 60
@@ -119,7 +118,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
               "mask_margin": args.mask_margin if masks else 0,
               "erase_lesions": args.erase_lesions if masks else 0.0,
               "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment,
-              "resize": RESIZE[args.resize], "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
+              "resize": RESIZE_NAMES[args.resize], "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"]), "sites": {}}
     for site in train_sites:
         # the validation part fit() held out, judged site by site (merged path: train/CLASS/SITE__NAME)
@@ -168,7 +167,7 @@ def main() -> None:
     ap.add_argument("--aspect-augment", type=float, default=1.0,
                     help="random width/height stretch up to this ratio (1 = off)")
     ap.add_argument("--layer4-stride", type=int, default=2, choices=(1, 2))
-    ap.add_argument("--resize", default="squash", choices=sorted(RESIZE),
+    ap.add_argument("--resize", default="squash", choices=sorted(RESIZE_NAMES),
                     help="squash each image to the square input, or letterbox it (shape kept; as train --resize)")
     ap.add_argument("--loso", action="store_true", help="leave-one-site-out: one run per held-out site")
     ap.add_argument("--held-out", choices=sorted(SITES),

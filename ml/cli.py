@@ -71,7 +71,9 @@ def train(quiet: bool, no_group_duplicates: bool, no_augment: bool, positive_cla
     if opts.get("layer4_stride"):
         opts["layer4_stride"] = int(opts["layer4_stride"])
     if opts.get("resize"):
-        opts["resize"] = {"squash": "square-bilinear", "letterbox": "letterbox-bilinear"}[opts["resize"]]
+        from ml.data import RESIZE_NAMES
+
+        opts["resize"] = RESIZE_NAMES[opts["resize"]]
     cfg = TrainConfig(**opts, positive_classes=list(positive_classes) or None,
                       group_duplicates=not no_group_duplicates, augment=not no_augment, progress=not quiet)
 

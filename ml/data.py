@@ -79,6 +79,8 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
 # How an image becomes the model's square input (a checkpoint's ``resize``): squashed to the
 # square, or scaled whole by its longer side and centred on black ("letterbox": shapes kept).
 RESIZE_MODES = ("square-bilinear", "letterbox-bilinear")
+# The command-line names of the modes (train --resize, benchmarks/train_sites.py --resize).
+RESIZE_NAMES = {"squash": "square-bilinear", "letterbox": "letterbox-bilinear"}
 
 
 def check_resize(mode: str) -> str:
