@@ -2,6 +2,7 @@
 seeded, resumable training and writes the best checkpoint by validation ROC-AUC."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -298,11 +299,19 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
 
 
 def _start_meta(weights: str) -> dict[str, Any]:
-    """The metadata of the starting weights when they are one of our checkpoints, else {}."""
+    """The metadata of the starting weights when they are one of our checkpoints, else {}.
+    A fine-tune asks several times (geometry, resize mode); the file is read once per
+    version of it (path, size and modification time)."""
     if weights in ("none", "imagenet") or not Path(weights).is_file():
         return {}
+    stat = Path(weights).stat()
+    return dict(_read_start_meta(str(Path(weights).resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_start_meta(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
     try:
-        payload = read_checkpoint_file(Path(weights))
+        payload = read_checkpoint_file(Path(path))
     except CheckpointError:
         return {}
     meta = payload.get("meta") if isinstance(payload, dict) else None

@@ -156,6 +156,24 @@ def test_letterbox_is_recorded_used_for_prediction_and_kept_by_a_fine_tune(tiny_
     assert not (tmp_path / "bad.pt").exists()
 
 
+def test_a_fine_tune_reads_its_parents_metadata_once_and_sees_a_replaced_parent(tiny_folder, tmp_path, monkeypatch):
+    import ml.train as train
+
+    parent = tmp_path / "parent.pt"
+    fit(config(tiny_folder, parent, layer4_stride=1))
+    reads = []
+    real = train.read_checkpoint_file
+    monkeypatch.setattr(train, "read_checkpoint_file", lambda path: reads.append(path) or real(path))
+    fit(config(tiny_folder, tmp_path / "tuned.pt", weights=str(parent)))
+    assert len(reads) == 1      # geometry and resize mode come from one read
+    tuned = load_checkpoint(tmp_path / "tuned.pt")["meta"]
+    assert tuned["layer4_stride"] == 1 and tuned["resize"] == "square-bilinear"
+    fit(config(tiny_folder, parent, resize="letterbox-bilinear"))   # the parent file is replaced
+    fit(config(tiny_folder, tmp_path / "tuned2.pt", weights=str(parent)))
+    assert len(reads) == 2
+    assert load_checkpoint(tmp_path / "tuned2.pt")["meta"]["resize"] == "letterbox-bilinear"
+
+
 @pytest.mark.parametrize("option, value", [("mask_margin", -1), ("mask_margin", 4), ("erase_lesions", 1.5),
                                            ("ema", 1.0), ("mask_weight", -0.5)])
 def test_options_out_of_range_fail_before_training(tiny_folder, tmp_path, option, value):
