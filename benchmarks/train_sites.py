@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/train_sites.py --minutes 30        # the quoted figure
     .venv/bin/python benchmarks/train_sites.py --minutes 3         # a quick look
+    .venv/bin/python benchmarks/train_sites.py --epochs 40         # the same schedule on any machine
 
 Trains on BUSI (Egypt) + BrEaST-Lesions-USG (Poland) as one three-class ImageFolder
 (normal / benign / malignant), with the project's `ml.train.fit` (grouped 80/20 split,
@@ -101,12 +102,16 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
         for s in train_sites:
             for f in sorted((DATA / "masks" / s).glob("*.png")) if (DATA / "masks" / s).is_dir() else []:
                 os.symlink(f.resolve(), masks / f"{s}__{f.name}")
-    cfg = TrainConfig(data=str(merged), out=str(out), epochs=10_000, img_size=args.img_size,
-                      batch_size=32, seed=args.seed, time_limit_min=args.minutes, patience=10_000,
+    # --epochs N: a schedule that does not depend on the machine's speed (the learning rate
+    # follows the step count); else the clock: as many epochs as --minutes allow
+    cfg = TrainConfig(data=str(merged), out=str(out), epochs=args.epochs or 10_000, img_size=args.img_size,
+                      batch_size=32, seed=args.seed, time_limit_min=None if args.epochs else args.minutes,
+                      patience=10_000,
                       ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment,
                       masks=str(masks) if masks else None, mask_weight=args.mask_weight,
                       mask_margin=args.mask_margin,
                       erase_lesions=args.erase_lesions if masks else 0.0,
+                      mixstyle=args.mixstyle,
                       layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment,
                       group_pattern=PATIENT_PATTERN, resize=RESIZE_NAMES[args.resize])
     t0 = time.perf_counter()
@@ -117,8 +122,10 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
               "masks": bool(masks), "mask_weight": args.mask_weight if masks else 0.0,
               "mask_margin": args.mask_margin if masks else 0,
               "erase_lesions": args.erase_lesions if masks else 0.0,
+              "mixstyle": args.mixstyle,
               "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment,
-              "resize": RESIZE_NAMES[args.resize], "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
+              "resize": RESIZE_NAMES[args.resize], "schedule": f"{args.epochs} epochs" if args.epochs
+              else f"{args.minutes:g} min", "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"]), "sites": {}}
     for site in train_sites:
         # the validation part fit() held out, judged site by site (merged path: train/CLASS/SITE__NAME)
@@ -136,12 +143,14 @@ def show(report: dict) -> None:
                               (f"lesion masks (weight {report.get('mask_weight')}, margin {report.get('mask_margin', 0)})",
                                report.get("masks")),
                               (f"lesions erased at p {report.get('erase_lesions')}", report.get("erase_lesions")),
+                              (f"MixStyle at p {report.get('mixstyle')}", report.get("mixstyle")),
                               ("layer4 stride 1", report.get("layer4_stride") == 1),
                               ("letterboxed input", report.get("resize") == "letterbox-bilinear"),
                               (f"aspect augmentation {report.get('aspect_augment')}",
                                (report.get("aspect_augment") or 1.0) > 1.0)) if on]
+    fixed = " (a fixed schedule)" if report.get("schedule", "").endswith("epochs") else ""
     print(f"trained on {' + '.join(report['train_sites'])}{' with ' + ', '.join(extras) if extras else ''}: "
-          f"{report['epochs_run']} epochs in "
+          f"{report['epochs_run']} epochs{fixed} in "
           f"{report['minutes']} min, best epoch {report['best_epoch']}")
     print(f"{'site':42} {'n':>4} {'mal':>4} {'ROC-AUC (95% CI, by patient)':>30} {'sens':>6} {'spec':>6} {'ECE':>6} {'class acc':>9}")
     for name, m in report["sites"].items():
@@ -153,6 +162,8 @@ def show(report: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="training time per run (wall clock)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="train exactly N epochs instead (a schedule that is the same on a fast and a slow machine)")
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--ema", type=float, default=0.99)
     ap.add_argument("--seed", type=int, default=0)
@@ -164,6 +175,8 @@ def main() -> None:
                     help="cells around the lesion that count as inside (as train --mask-margin)")
     ap.add_argument("--erase-lesions", type=float, default=0.0,
                     help="with --masks: probability of a masked image trained as its lesion-free copy (normal)")
+    ap.add_argument("--mixstyle", type=float, default=0.0,
+                    help="probability per batch of MixStyle after layer1 and layer2 (as train --mixstyle)")
     ap.add_argument("--aspect-augment", type=float, default=1.0,
                     help="random width/height stretch up to this ratio (1 = off)")
     ap.add_argument("--layer4-stride", type=int, default=2, choices=(1, 2))
@@ -176,6 +189,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--keep", help="keep the model(s) in this folder")
     args = ap.parse_args()
+    if args.epochs is not None and args.epochs < 1:
+        ap.error("--epochs must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     missing = [s for s in SITES if not (DATA / s).is_dir()]

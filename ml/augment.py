@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -152,3 +153,27 @@ def erase_lesions(images: torch.Tensor, masks: torch.Tensor, chosen: torch.Tenso
         out[i, :, r0:r1, c0:c1] = patch.round().clamp(0, 255).to(images.dtype)
         erased[i] = True
     return out, erased
+
+
+def mix_styles(features: torch.Tensor, generator: torch.Generator | None = None,
+               alpha: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
+    """MixStyle (Zhou et al., "Domain generalization with MixStyle", ICLR 2021), for a batch
+    of feature maps N x C x H x W: each image's per-channel mean and standard deviation (its
+    "style": gain, texture, the scanner's look) are replaced by a mix of its own and those of
+    another image of the batch, with a weight drawn from Beta(alpha, alpha) per image, while
+    its normalised content stays. A batch that holds two hospitals then trains on scanner
+    looks in between them. The statistics are taken without gradient, as in the paper; all
+    randomness comes from ``generator``, so a seeded run repeats."""
+    n = features.shape[0]
+    if n < 2:
+        return features
+    mean = features.mean(dim=(2, 3), keepdim=True).detach()
+    std = (features.var(dim=(2, 3), keepdim=True) + eps).sqrt().detach()
+    # Beta draws from the torch generator's stream (torch's own Beta sampler takes no generator)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    lam = np.random.default_rng(seed).beta(alpha, alpha, size=(n, 1, 1, 1))
+    lam = torch.from_numpy(lam).to(device=features.device, dtype=features.dtype)
+    other = torch.randperm(n, generator=generator).to(features.device)
+    mixed_mean = lam * mean + (1 - lam) * mean[other]
+    mixed_std = lam * std + (1 - lam) * std[other]
+    return (features - mean) / std * mixed_std + mixed_mean

@@ -2,6 +2,7 @@
 seeded, resumable training and writes the best checkpoint by validation ROC-AUC."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ml import MLError
-from ml.augment import augment_batch, erase_lesions, scanner_shift
+from ml.augment import augment_batch, erase_lesions, mix_styles, scanner_shift
 from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
                      compile_group_pattern, load_masks, named_groups, near_duplicate_groups, normalise,
@@ -61,6 +62,7 @@ class TrainConfig:
     mask_weight: float = 1.0          # weight of that loss beside the classification loss
     mask_margin: int = 0              # grid cells around the lesion that also count as inside (its surroundings)
     erase_lesions: float = 0.0        # probability of training a masked image as a lesion-free "normal"
+    mixstyle: float = 0.0             # probability per batch of mixing feature styles after layer1 and layer2 (ml.augment.mix_styles)
     layer4_stride: int | None = None  # 1: an 8 x 8 last feature map at 128 px; None: the start weights' (else 2)
     resize: str | None = None         # "square-bilinear" or "letterbox-bilinear" (ml.data.RESIZE_MODES); None: the start weights' (else square)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
@@ -145,6 +147,23 @@ def lesion_attention_loss(features: torch.Tensor, directions: torch.Tensor, mask
     return (outside / (total + 1e-6)).mean()
 
 
+@contextlib.contextmanager
+def style_mixing(model: nn.Module, generator: torch.Generator, p: float):
+    """While open, layer1's and layer2's outputs pass through :func:`ml.augment.mix_styles`
+    whenever the yielded switch's ``"on"`` is true (the caller draws it per batch with
+    probability ``p``). The hooks exist only inside the block, so evaluation, the EMA copy and
+    the saved model never see them; with ``p`` = 0 nothing is hooked."""
+    switch = {"on": False}
+    hooks = [layer.register_forward_hook(
+        lambda module, inputs, output: mix_styles(output, generator) if switch["on"] else None)
+        for layer in (model.layer1, model.layer2)] if p > 0 else []
+    try:
+        yield switch
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
                     batch_size: int, generator: torch.Generator, device: torch.device,
@@ -155,7 +174,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                     has_mask: torch.Tensor | None = None,
                     mask_weight: float = 0.0, mask_margin: int = 0, max_aspect: float = 1.0,
                     erase_lesions_p: float = 0.0, normal_target: float | int | None = None,
-                    ) -> tuple[float, float, int]:
+                    mixstyle_p: float = 0.0) -> tuple[float, float, int]:
     """One pass over (uint8 images, targets) in shuffled batches; returns (mean loss,
     accuracy, images seen). Targets are 0/1 floats for a one-logit model (accuracy at 0.5)
     or class indices for a multi-class one (accuracy of the arg-max). A final batch of
@@ -167,7 +186,11 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
 
     With ``erase_lesions_p`` > 0 (and masks), each image with a mask is, with that
     probability, replaced by :func:`ml.augment.erase_lesions`' lesion-free copy and trained
-    as ``normal_target`` (the normal class), without the attention loss."""
+    as ``normal_target`` (the normal class), without the attention loss.
+
+    With ``mixstyle_p`` > 0, each batch is, with that probability, trained with
+    :func:`ml.augment.mix_styles` applied to the outputs of layer1 and layer2
+    (:func:`style_mixing`)."""
     use_masks = masks is not None and has_mask is not None and mask_weight > 0
     use_erase = masks is not None and has_mask is not None and erase_lesions_p > 0 and normal_target is not None
     model.train()
@@ -179,52 +202,55 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, desc=desc, unit="batch", leave=False)
-    for idx in batches:
-        x, y = images[idx], targets[idx]
-        guided = has_mask[idx] if has_mask is not None else None
-        if use_erase and bool(has_mask[idx].any()):
-            chosen = has_mask[idx] & (torch.rand(len(idx), generator=generator) < erase_lesions_p)
-            if bool(chosen.any()):
-                x, erased = erase_lesions(x, masks[idx], chosen, generator)
-                y = torch.where(erased, torch.as_tensor(normal_target, dtype=y.dtype), y)
-                guided = guided & ~erased
-        m = masks[idx] if use_masks and bool(has_mask[idx].any()) else None
-        if m is not None:
-            x, m = (augment_batch(x, generator, masks=m, max_aspect=max_aspect) if augment
-                    else (x.float(), m.float() / 255.0))
-        else:
-            x = augment_batch(x, generator, max_aspect=max_aspect) if augment else x.float()
-        if scanner:
-            x = scanner_shift(x, generator)
-        # normalise() takes uint8-range values; float input is fine
-        x = normalise(x, mean, std).to(device, non_blocking=True)
-        y = y.to(device)
-        if m is not None:
-            features, output = features_and_logits(model, x)
-        else:
-            output = model(x)
-        logits = output.flatten() if output.shape[1] == 1 else output
-        loss = criterion(logits, y)
-        if m is not None:
-            keep = guided.to(device)
-            if logits.ndim == 1:
-                keep = keep & (y > 0.5)  # one logit: only the positive class has a lesion map to guide
-            if bool(keep.any()):
-                rows = class_directions(model.fc.weight, output[keep], None if logits.ndim == 1 else y[keep])
-                loss = loss + mask_weight * lesion_attention_loss(features[keep], rows, m[keep].to(device),
-                                                                   mask_margin)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        if scheduler is not None:
-            scheduler.step()
-        n = len(idx)
-        total_loss += loss.item() * n
-        predicted = (logits.detach() >= 0).float() if logits.ndim == 1 else logits.detach().argmax(dim=1)
-        correct += int((predicted == y).sum())
-        seen += n
+    with style_mixing(model, generator, mixstyle_p) as mixing:
+        for idx in batches:
+            x, y = images[idx], targets[idx]
+            guided = has_mask[idx] if has_mask is not None else None
+            if use_erase and bool(has_mask[idx].any()):
+                chosen = has_mask[idx] & (torch.rand(len(idx), generator=generator) < erase_lesions_p)
+                if bool(chosen.any()):
+                    x, erased = erase_lesions(x, masks[idx], chosen, generator)
+                    y = torch.where(erased, torch.as_tensor(normal_target, dtype=y.dtype), y)
+                    guided = guided & ~erased
+            m = masks[idx] if use_masks and bool(has_mask[idx].any()) else None
+            if m is not None:
+                x, m = (augment_batch(x, generator, masks=m, max_aspect=max_aspect) if augment
+                        else (x.float(), m.float() / 255.0))
+            else:
+                x = augment_batch(x, generator, max_aspect=max_aspect) if augment else x.float()
+            if scanner:
+                x = scanner_shift(x, generator)
+            # normalise() takes uint8-range values; float input is fine
+            x = normalise(x, mean, std).to(device, non_blocking=True)
+            y = y.to(device)
+            if mixstyle_p > 0:   # drawn per batch; no draw at all when MixStyle is off
+                mixing["on"] = bool(torch.rand(1, generator=generator) < mixstyle_p)
+            if m is not None:
+                features, output = features_and_logits(model, x)
+            else:
+                output = model(x)
+            logits = output.flatten() if output.shape[1] == 1 else output
+            loss = criterion(logits, y)
+            if m is not None:
+                keep = guided.to(device)
+                if logits.ndim == 1:
+                    keep = keep & (y > 0.5)  # one logit: only the positive class has a lesion map to guide
+                if bool(keep.any()):
+                    rows = class_directions(model.fc.weight, output[keep], None if logits.ndim == 1 else y[keep])
+                    loss = loss + mask_weight * lesion_attention_loss(features[keep], rows, m[keep].to(device),
+                                                                       mask_margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            if scheduler is not None:
+                scheduler.step()
+            n = len(idx)
+            total_loss += loss.item() * n
+            predicted = (logits.detach() >= 0).float() if logits.ndim == 1 else logits.detach().argmax(dim=1)
+            correct += int((predicted == y).sum())
+            seen += n
     return total_loss / max(seen, 1), correct / max(seen, 1), seen
 
 
@@ -457,7 +483,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                                           has_mask=None if has_mask is None else has_mask[train_idx],
                                           mask_weight=cfg.mask_weight, mask_margin=cfg.mask_margin,
                                           max_aspect=cfg.aspect_augment,
-                                          erase_lesions_p=cfg.erase_lesions, normal_target=normal_target)
+                                          erase_lesions_p=cfg.erase_lesions, normal_target=normal_target,
+                                          mixstyle_p=cfg.mixstyle)
         train_seconds = time.perf_counter() - t0
         val_logit, val_loss = evaluate_logits(scored, x_val, y_val_labels, 2 * cfg.batch_size, device,
                                               criterion=eval_criterion)
@@ -511,7 +538,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
 
 def check_config(cfg: TrainConfig) -> None:
     """The ranges the command line enforces, for a config built in Python (MLError names the option)."""
-    ranges = {"mask_margin": (0, 3), "mask_weight": (0, math.inf), "erase_lesions": (0, 1), "ema": (0, 1 - 1e-12),
+    ranges = {"mask_margin": (0, 3), "mask_weight": (0, math.inf), "erase_lesions": (0, 1), "mixstyle": (0, 1), "ema": (0, 1 - 1e-12),
               "val_split": (1e-12, 1 - 1e-12), "aspect_augment": (1, 3)}
     for name, (low, high) in ranges.items():
         value = getattr(cfg, name)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ml.augment import augment_batch, scanner_shift
+from ml.augment import augment_batch, mix_styles, scanner_shift
 
 
 def _batch(n: int = 6, size: int = 48) -> torch.Tensor:
@@ -52,3 +52,20 @@ def test_aspect_stretch_changes_a_discs_width_against_its_height_and_is_off_by_d
                        augment_batch(disc, torch.Generator().manual_seed(0), max_aspect=1.0))
     r = ratios(augment_batch(disc, torch.Generator().manual_seed(0), max_aspect=1.6, **quiet))
     assert r.min() < 0.9 and r.max() > 1.1 and r.min() > 1 / 1.6 - 0.1 and r.max() < 1.6 + 0.1
+
+
+def test_mix_styles_keeps_each_images_content_and_moves_its_statistics_towards_another_images():
+    scale = torch.arange(1, 7, dtype=torch.float32).view(6, 1, 1, 1)
+    x = torch.randn(6, 4, 5, 5, generator=torch.Generator().manual_seed(0)) * scale + 10 * scale
+    out = mix_styles(x, torch.Generator().manual_seed(1))
+    assert torch.equal(out, mix_styles(x, torch.Generator().manual_seed(1)))   # repeats with the seed
+
+    def content(t):
+        return (t - t.mean(dim=(2, 3), keepdim=True)) / t.std(dim=(2, 3), keepdim=True)
+    assert torch.allclose(content(out), content(x), atol=1e-4)
+    before, after = x.mean(dim=(2, 3)), out.mean(dim=(2, 3))
+    # every new mean is a mix of the batch's means: inside their range, and not all where they were
+    assert (after >= before.min(dim=0).values - 1e-4).all() and (after <= before.max(dim=0).values + 1e-4).all()
+    assert (after - before).abs().max() > 1.0
+    single = x[:1]
+    assert torch.equal(mix_styles(single, torch.Generator().manual_seed(1)), single)   # nothing to mix with

@@ -82,9 +82,11 @@ def test_train_resize_letterbox_reaches_the_checkpoint_and_evaluate_follows_it(t
     data = make_folder(tmp_path / "data", n_per_class=6)
     model = tmp_path / "boxed.pt"
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(model), "--epochs", "1", "--img-size", "32",
-                                      "--batch-size", "4", "--no-group-duplicates", "--resize", "letterbox", "--quiet"])
+                                      "--batch-size", "4", "--no-group-duplicates", "--resize", "letterbox", "--mixstyle", "0.5",
+                                      "--quiet"])
     assert result.exit_code == 0, result.output
-    assert load_checkpoint(model)["meta"]["resize"] == "letterbox-bilinear"
+    meta = load_checkpoint(model)["meta"]
+    assert meta["resize"] == "letterbox-bilinear" and meta["args"]["mixstyle"] == 0.5
     # the leakage guard hashes evaluated images the way the checkpoint saw them (letterboxed):
     # copies with one pixel changed are not the same files but are found as near copies
     import numpy as np
@@ -104,3 +106,5 @@ def test_train_resize_letterbox_reaches_the_checkpoint_and_evaluate_follows_it(t
     assert (report["overlap_exact"], report["overlap_near"]) == (0, 12)
     bad = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--resize", "crop"])
     assert bad.exit_code == 2 and "crop" in bad.output
+    bad = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--mixstyle", "2"])
+    assert bad.exit_code == 2 and "--mixstyle" in bad.output

@@ -80,6 +80,29 @@ def test_same_seed_same_run(tiny_folder, tmp_path):
     assert torch.equal(wa, wb)
 
 
+def test_mixstyle_repeats_with_the_seed_changes_training_and_leaves_no_hooks(tiny_folder, tmp_path):
+    from ml.model import build_model
+    from ml.train import style_mixing
+
+    runs = {name: fit(config(tiny_folder, tmp_path / f"{name}.pt", **kw))
+            for name, kw in (("a", {"mixstyle": 1.0}), ("b", {"mixstyle": 1.0}), ("off", {}))}
+    weights = {name: load_checkpoint(tmp_path / f"{name}.pt")["state_dict"]["fc.weight"] for name in runs}
+    assert torch.equal(weights["a"], weights["b"])
+    assert not torch.equal(weights["a"], weights["off"])
+    assert load_checkpoint(tmp_path / "a.pt")["meta"]["args"]["mixstyle"] == 1.0
+    model = build_model("none", 1)
+    with style_mixing(model, torch.Generator().manual_seed(0), 1.0) as switch:
+        assert len(model.layer1._forward_hooks) == len(model.layer2._forward_hooks) == 1
+        x = torch.randn(4, 3, 32, 32)
+        model.eval()
+        switch["on"] = False
+        plain = model(x)
+        switch["on"] = True
+        assert not torch.allclose(model(x), plain)
+    assert not model.layer1._forward_hooks and not model.layer2._forward_hooks
+    assert torch.equal(model(x), plain)
+
+
 class Interrupt(Exception):
     pass
 
@@ -174,7 +197,7 @@ def test_a_fine_tune_reads_its_parents_metadata_once_and_sees_a_replaced_parent(
     assert load_checkpoint(tmp_path / "tuned2.pt")["meta"]["resize"] == "letterbox-bilinear"
 
 
-@pytest.mark.parametrize("option, value", [("mask_margin", -1), ("mask_margin", 4), ("erase_lesions", 1.5),
+@pytest.mark.parametrize("option, value", [("mask_margin", -1), ("mask_margin", 4), ("erase_lesions", 1.5), ("mixstyle", 1.5),
                                            ("ema", 1.0), ("mask_weight", -0.5)])
 def test_options_out_of_range_fail_before_training(tiny_folder, tmp_path, option, value):
     with pytest.raises(MLError, match=f"{option} .* is out of range"):
