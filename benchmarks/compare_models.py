@@ -48,7 +48,7 @@ def scores(model_path: str, site: str, mirror: bool) -> dict:
     """Calibrated probabilities (and the mirror-averaged ones) of one model on one site."""
     predictor = Predictor.from_checkpoint(model_path, "cpu")
     fp = predict_folder(predictor, DATA / site)
-    out = {"name": Path(model_path).name, "paths": [str(p) for p in fp.paths], "y": fp.y,
+    out = {"name": f"{Path(model_path).parent.name}/{Path(model_path).name}", "paths": [str(p) for p in fp.paths], "y": fp.y,
            "p": fp.probs, "threshold": predictor.threshold}
     if mirror:
         flipped = model_outputs(predictor.model, fp.images.flip(-1), 64, predictor.device,
