@@ -120,6 +120,32 @@ def _validation_set(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
     return f"{split}: {size}. Optimistic: the threshold and the best epoch were chosen on these images."
 
 
+RESIZE_WORDS = {"square-bilinear": "squashed to a square",
+                "letterbox-bilinear": "letterboxed (scaled whole onto a black square: lesion shape kept)"}
+
+
+def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
+    """How the model sees an image and what shaped its training, in words: the input and how
+    a frame becomes it, the last feature grid (what layer4's heatmaps are drawn on), and the
+    options that change what it attends to (lesion masks, MixStyle)."""
+    size = meta.get("input_size")
+    if not isinstance(size, int):
+        return {}
+    resize = meta.get("resize") or "square-bilinear"
+    stride = int(meta.get("layer4_stride") or 2)
+    grid = max(1, size // (16 * stride))
+    recipe = {"input": f"{size} × {size} px, {RESIZE_WORDS.get(resize, resize)}",
+              "last_feature_grid": f"{grid} × {grid} (layer4 stride {stride})"}
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    if args.get("masks"):
+        margin = args.get("mask_margin") or 0
+        recipe["lesion_masks"] = (f"used: class activation kept on radiologists' outlines (weight "
+                                  f"{args.get('mask_weight', 1.0):g}{f', margin {margin} cell(s)' if margin else ''})")
+    if args.get("mixstyle"):
+        recipe["mixstyle"] = f"p {args['mixstyle']:g} (feature styles mixed between images in training)"
+    return recipe
+
+
 def _training(meta: dict[str, Any]) -> dict[str, Any]:
     training = dict(meta.get("training_data") or {})
     fingerprint = meta.get("data_fingerprint")
@@ -135,6 +161,8 @@ def _training(meta: dict[str, Any]) -> dict[str, Any]:
     calibration = meta.get("calibration")
     if isinstance(calibration, dict) and calibration.get("method"):
         training.setdefault("calibration", f"{calibration['method']} on {calibration.get('n', '?')} validation images")
+    for key, value in _recipe(meta).items():
+        training.setdefault(key, value)
     return {k: v for k, v in training.items() if v not in (None, "")}
 
 

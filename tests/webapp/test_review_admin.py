@@ -21,6 +21,8 @@ def test_model_card_page_and_roc_image(app, client):
                                                         "n_positive": 8, "sensitivity": 0.875},
                         "compared_with": {"version": "v1", "locked_test": {"roc_auc": 0.75}},
                         "training_data": {"n_base": 32, "n_feedback": 4},
+                        "input_size": 128, "resize": "letterbox-bilinear", "layer4_stride": 1,
+                        "args": {"masks": "/data/masks", "mask_weight": 1.0, "mixstyle": 0.0},
                         "promotion": {"mode": "auto", "promote": False, "reasons": ["sensitivity below"]}}
         db.session.commit()
     login(client, "boss@example.org")
@@ -29,6 +31,8 @@ def test_model_card_page_and_roc_image(app, client):
     assert "NOT for clinical use" in page and "Intended use" in page and "Limitations" in page
     assert "0.812 (95% CI 0.700–0.900)" in page and "0.750" in page and "n feedback" in page
     assert 'href="/admin/models/v1"' in page and "not promoted" in page
+    assert "128 × 128 px, letterboxed" in page and "8 × 8 (layer4 stride 1)" in page
+    assert "radiologists&#39; outlines (weight 1)" in page and "mixstyle" not in page   # MixStyle was off
     roc = client.get("/admin/models/v2/roc.png")
     assert roc.status_code == 200 and roc.mimetype == "image/png"
     assert client.get("/admin/models/v1/roc.png").status_code == 404
