@@ -48,8 +48,8 @@ def scores(model_path: str, site: str, mirror: bool) -> dict:
     """Calibrated probabilities (and the mirror-averaged ones) of one model on one site."""
     predictor = Predictor.from_checkpoint(model_path, "cpu")
     fp = predict_folder(predictor, DATA / site)
-    out = {"name": f"{Path(model_path).parent.name}/{Path(model_path).name}", "paths": [str(p) for p in fp.paths], "y": fp.y,
-           "p": fp.probs, "threshold": predictor.threshold}
+    out = {"name": f"{Path(model_path).parent.name}/{Path(model_path).name}",
+           "paths": [str(p) for p in fp.paths], "y": fp.y, "p": fp.probs, "threshold": predictor.threshold}
     if mirror:
         flipped = model_outputs(predictor.model, fp.images.flip(-1), 64, predictor.device,
                                 predictor.meta["mean"], predictor.meta["std"])
@@ -58,16 +58,12 @@ def scores(model_path: str, site: str, mirror: bool) -> dict:
     return out
 
 
-def line(label: str, y: np.ndarray, p: np.ndarray, groups: list[str], threshold: float | None,
+def line(label: str, y: np.ndarray, p: np.ndarray, groups: list[str], threshold: float,
          baseline: np.ndarray | None = None) -> str:
     lo, hi = patient_bootstrap(y, p, groups)
-    text = f"  {label:44} {roc_auc(y, p):.3f} ({lo:.3f}-{hi:.3f})"
-    if threshold is not None:
-        m = summarise(y, p, threshold)
-        text += f"  {m['sensitivity']:.3f} / {m['specificity']:.3f}"
-    else:
-        text += " " * 17
-    text += f"  {expected_calibration_error(y, p, 15):.3f}"
+    m = summarise(y, p, threshold)
+    text = (f"  {label:44} {roc_auc(y, p):.3f} ({lo:.3f}-{hi:.3f})  {m['sensitivity']:.3f} / {m['specificity']:.3f}"
+            f"  {expected_calibration_error(y, p, 15):.3f}")
     if baseline is not None:
         d_lo, d_hi = patient_bootstrap(y, p, groups, baseline=baseline)
         text += f"  {roc_auc(y, p) - roc_auc(y, baseline):+.3f} ({d_lo:+.3f} to {d_hi:+.3f})"

@@ -124,8 +124,8 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
               "erase_lesions": args.erase_lesions if masks else 0.0,
               "mixstyle": args.mixstyle,
               "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment,
-              "resize": RESIZE_NAMES[args.resize], "schedule": f"{args.epochs} epochs" if args.epochs
-              else f"{args.minutes:g} min", "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
+              "resize": RESIZE_NAMES[args.resize], "schedule": f"{args.epochs} epoch(s), fixed" if args.epochs
+              else f"as many epochs as {args.minutes:g} min allow", "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"]), "sites": {}}
     for site in train_sites:
         # the validation part fit() held out, judged site by site (merged path: train/CLASS/SITE__NAME)
@@ -148,10 +148,9 @@ def show(report: dict) -> None:
                               ("letterboxed input", report.get("resize") == "letterbox-bilinear"),
                               (f"aspect augmentation {report.get('aspect_augment')}",
                                (report.get("aspect_augment") or 1.0) > 1.0)) if on]
-    fixed = " (a fixed schedule)" if report.get("schedule", "").endswith("epochs") else ""
     print(f"trained on {' + '.join(report['train_sites'])}{' with ' + ', '.join(extras) if extras else ''}: "
-          f"{report['epochs_run']} epochs{fixed} in "
-          f"{report['minutes']} min, best epoch {report['best_epoch']}")
+          f"{report['epochs_run']} epoch(s) in {report['minutes']} min (schedule: {report.get('schedule', '?')}), "
+          f"best epoch {report['best_epoch']}")
     print(f"{'site':42} {'n':>4} {'mal':>4} {'ROC-AUC (95% CI, by patient)':>30} {'sens':>6} {'spec':>6} {'ECE':>6} {'class acc':>9}")
     for name, m in report["sites"].items():
         ci = f"{m['roc_auc']:.3f} ({m['ci'][0]:.3f}-{m['ci'][1]:.3f})"
