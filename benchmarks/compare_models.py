@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ml import MLError  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
@@ -84,7 +85,10 @@ def main() -> None:
         sys.exit(f"no data folder {DATA / args.site}")
     if args.ensemble and len(args.models) < 2:
         ap.error("--ensemble needs at least two models")
-    runs = [scores(m, args.site, args.mirror) for m in args.models]
+    try:
+        runs = [scores(m, args.site, args.mirror) for m in args.models]
+    except MLError as exc:   # a missing, truncated or foreign checkpoint: say which, no traceback
+        sys.exit(f"compare_models: {exc}")
     for run in runs[1:]:
         if run["paths"] != runs[0]["paths"]:
             sys.exit(f"{run['name']} did not read the same images as {runs[0]['name']}")
