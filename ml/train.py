@@ -237,7 +237,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                     keep = keep & (y > 0.5)  # one logit: only the positive class has a lesion map to guide
                 if bool(keep.any()):
                     rows = class_directions(model.fc.weight, output[keep], None if logits.ndim == 1 else y[keep])
-                    loss = loss + mask_weight * lesion_attention_loss(features[keep], rows, m[keep].to(device),
+                    loss = loss + mask_weight * lesion_attention_loss(features[keep], rows, m.to(device)[keep],
                                                                        mask_margin)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

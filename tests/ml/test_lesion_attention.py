@@ -187,6 +187,19 @@ def test_train_cli_with_masks_and_stride_one_then_a_fine_tune_keeps_the_stride(t
     assert load_model(tmp_path / "plain.pt")[1]["layer4_stride"] == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: mask-guided training must keep every tensor on the model's device")
+def test_mask_guided_training_with_mixstyle_runs_on_a_cuda_device(tmp_path):
+    # the masks live on the CPU with the images; indexing them with a mask of the GPU batch
+    # failed on every GPU machine ("indices should be either on cpu or on the same device")
+    data, masks = lesion_folder(tmp_path, n_per_class=10)
+    out = tmp_path / "model.pt"
+    result = fit(TrainConfig(data=str(data), out=str(out), epochs=2, img_size=64, batch_size=8,
+                             masks=str(masks), layer4_stride=1, mixstyle=0.5, device="cuda", progress=False))
+    assert len(result["history"]) == 2
+    assert load_model(out)[1]["args"]["masks"] == str(masks)
+
+
 def test_erase_lesions_fills_the_lesion_with_the_tissue_beside_it_at_the_same_depth():
     rows = torch.arange(64, dtype=torch.float32).view(64, 1).expand(64, 64) * 3   # horizontal layers
     images = rows.to(torch.uint8).expand(3, 3, 64, 64).clone()
