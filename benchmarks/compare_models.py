@@ -33,7 +33,8 @@ from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
 from ml.train import model_outputs  # noqa: E402
-from train_sites import DATA, SITES, patient_bootstrap, patient_of  # noqa: E402
+import train_sites  # noqa: E402
+from train_sites import SITES, patient_bootstrap, patient_of  # noqa: E402
 
 
 def log_odds(p: np.ndarray) -> np.ndarray:
@@ -48,7 +49,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 def scores(model_path: str, site: str, mirror: bool) -> dict:
     """Calibrated probabilities (and the mirror-averaged ones) of one model on one site."""
     predictor = Predictor.from_checkpoint(model_path, "cpu")
-    fp = predict_folder(predictor, DATA / site)
+    fp = predict_folder(predictor, train_sites.DATA / site)
     out = {"name": f"{Path(model_path).parent.name}/{Path(model_path).name}",
            "paths": [str(p) for p in fp.paths], "y": fp.y, "p": fp.probs, "threshold": predictor.threshold}
     if mirror:
@@ -78,11 +79,13 @@ def main() -> None:
     ap.add_argument("--ensemble", action="store_true", help="also the mean calibrated log-odds of all the models")
     ap.add_argument("--mirror", action="store_true", help="also each model with mirror test-time augmentation")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data", default=str(train_sites.DATA), help="folder holding the sites (default: %(default)s)")
     args = ap.parse_args()
+    train_sites.use_data(args.data)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (DATA / args.site).is_dir():
-        sys.exit(f"no data folder {DATA / args.site}")
+    if not (train_sites.DATA / args.site).is_dir():
+        sys.exit(f"no data folder {train_sites.DATA / args.site}")
     if args.ensemble and len(args.models) < 2:
         ap.error("--ensemble needs at least two models")
     try:

@@ -42,6 +42,12 @@ SITES = {"busi": "BUSI (Egypt)", "breast-lesions-usg": "BrEaST-Lesions-USG (Pola
 CLASSES = ("benign", "malignant", "normal")
 
 
+def use_data(folder: str | Path) -> None:
+    """Read the sites from ``folder`` instead of ../shared/data (e.g. a shrunk copy on another machine)."""
+    global DATA
+    DATA = Path(folder)
+
+
 def link_folder(out: Path, files: list[tuple[str, Path, str]]) -> Path:
     """An ImageFolder of symlinks: (site, file, class) -> out/class/site__name."""
     for site, path, cls in files:
@@ -185,9 +191,12 @@ def main() -> None:
     ap.add_argument("--held-out", choices=sorted(SITES),
                     help="train on the other two sites and judge on this one (one leave-one-site-out run)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data", default=str(DATA),
+                    help="folder holding the three sites (and masks/) as in ../shared/data (default: %(default)s)")
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--keep", help="keep the model(s) in this folder")
     args = ap.parse_args()
+    use_data(args.data)
     if args.epochs is not None and args.epochs < 1:
         ap.error("--epochs must be at least 1")
     if args.threads:

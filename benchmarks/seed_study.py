@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""How much of a recipe's figure is the seed, and what an ensemble of seeds would score.
+
+Two steps, so that the models can be trained and scored on one machine (a GPU machine,
+say, where many seeds fit in minutes) and the figures computed on another:
+
+    # 1. score checkpoints (e.g. from train_sites.py --keep runs/NAME) on one site
+    .venv/bin/python benchmarks/seed_study.py scores runs/*/busi+breast-lesions-usg.pt \\
+        --site bus-uclm --out scores.npz [--data DIR] [--device cuda]
+    # 2. per model and per recipe: ROC-AUC, sens/spec, ECE, pointing game; ensembles
+    .venv/bin/python benchmarks/seed_study.py report scores.npz [--data ../shared/data]
+
+``scores`` stores, per model, the calibrated malignancy probability of every image of the
+site and the raw layer4 Grad-CAM and Grad-CAM++ grids (before upsampling: 8 x 8 for a
+stride-1 layer4 at 128 px), so the file stays small. A model is named by the folder it
+lies in; ``RECIPE-sSEED`` names (``A-s3``) group the models into recipes.
+
+``report`` prints each model, then per recipe the mean single model, the spread, and
+ensembles of two and of all members: mean calibrated log-odds for the probability, mean
+of the members' [0, 1] maps for the heatmap (what a product ensemble would show). ROC-AUC
+intervals resample patients (train_sites.patient_bootstrap). The pointing game uses the
+radiologists' masks at the images' original size, under ``--data``/masks/SITE.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_sites  # noqa: E402
+from ml import explain as explain_module  # noqa: E402
+from ml.data import normalise  # noqa: E402
+from ml.evaluate import predict_folder  # noqa: E402
+from ml.inference import Predictor  # noqa: E402
+from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
+from ml.render import resize_heatmap  # noqa: E402
+from train_sites import SITES, patient_bootstrap, patient_of  # noqa: E402
+
+METHODS = ("gradcam", "gradcam++")
+
+
+def raw_grids(predictor: Predictor, images: torch.Tensor, method: str, batch: int = 64) -> np.ndarray:
+    """ReLU(sum_c w_c A_c) at layer4's own grid, before upsampling and scaling."""
+    grids = []
+    original = explain_module.weighted_cam
+
+    def capture(weights, activations, size):
+        grids.append(F.relu(torch.einsum("nc,nchw->nhw", weights.float(), activations.float())).cpu())
+        return original(weights, activations, size)
+
+    explain_module.weighted_cam = capture
+    try:
+        for start in range(0, len(images), batch):
+            x = normalise(images[start:start + batch].to(predictor.device), predictor.meta["mean"], predictor.meta["std"])
+            explain_module.explain(predictor.model, x, method, "layer4")
+    finally:
+        explain_module.weighted_cam = original
+    return torch.cat(grids).numpy().astype(np.float32)
+
+
+def name_of(path: str) -> str:
+    return Path(path).parent.name
+
+
+def cmd_scores(args) -> None:
+    train_sites.use_data(args.data)
+    out: dict[str, np.ndarray] = {}
+    for i, model in enumerate(args.models):
+        predictor = Predictor.from_checkpoint(model, args.device)
+        fp = predict_folder(predictor, train_sites.DATA / args.site)
+        rel = np.array([f"{Path(p).parent.name}/{Path(p).name}" for p in fp.paths])
+        if "paths" in out and not np.array_equal(out["paths"], rel):
+            sys.exit(f"{model} read other images than the first model")
+        out["paths"], out["y"] = rel, fp.y
+        out[f"name_{i}"] = np.array(name_of(model))
+        out[f"p_{i}"] = fp.probs
+        out[f"threshold_{i}"] = np.array(predictor.threshold)
+        out[f"resize_{i}"] = np.array(predictor.resize)
+        out[f"input_size_{i}"] = np.array(predictor.input_size)
+        for method in METHODS:
+            out[f"{method}_{i}"] = raw_grids(predictor, fp.images, method)
+        print(f"{name_of(model)}: ROC-AUC {roc_auc(fp.y, fp.probs):.3f} on {len(fp.y)} images", flush=True)
+    out["site"] = np.array(args.site)
+    np.savez_compressed(args.out, **out)
+
+
+# ---------------------------------------------------------------- report
+
+def load(files: list[str]) -> dict:
+    """Merge score files of the same site and images into one list of models."""
+    models, paths, y, site = [], None, None, None
+    for f in files:
+        z = np.load(f)
+        if paths is not None and not np.array_equal(z["paths"], paths):
+            sys.exit(f"{f} scored other images than {files[0]}")
+        paths, y, site = z["paths"], z["y"], str(z["site"])
+        i = 0
+        while f"p_{i}" in z:
+            if str(z[f"name_{i}"]) in {m["name"] for m in models}:  # the same model scored twice
+                i += 1
+                continue
+            models.append({"name": str(z[f"name_{i}"]), "p": z[f"p_{i}"], "threshold": float(z[f"threshold_{i}"]),
+                           "resize": str(z[f"resize_{i}"]),
+                           "input_size": int(z[f"input_size_{i}"]), **{m: z[f"{m}_{i}"] for m in METHODS}})
+            i += 1
+    def order(m):
+        seed = re.search(r"-s(\d+)$", m["name"])
+        return (re.sub(r"-s\d+$", "", m["name"]), int(seed.group(1)) if seed else -1)
+
+    models.sort(key=order)
+    return {"models": models, "paths": list(paths), "y": y, "site": site}
+
+
+def scaled_maps(grids: np.ndarray, size: int) -> torch.Tensor:
+    """The product's heatmap from raw grids: bilinear to the input size, then [0, 1] per image."""
+    maps = F.interpolate(torch.from_numpy(grids)[:, None], size=(size, size), mode="bilinear",
+                         align_corners=False)[:, 0]
+    return explain_module._minmax(maps)
+
+
+def pointing(maps: torch.Tensor, masks: list[np.ndarray], resize: str) -> float:
+    hits = []
+    for hm, mask in zip(maps.numpy(), masks):
+        full = resize_heatmap(hm, mask.shape[::-1], resize)
+        hits.append(full.sum() > 0 and bool(mask.flat[int(np.argmax(full))]))
+    return float(np.mean(hits))
+
+
+def log_odds(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def cmd_report(args) -> None:
+    from PIL import Image
+
+    s = load(args.files)
+    y, site, models = s["y"], s["site"], s["models"]
+    groups = [patient_of(Path(p), site) for p in s["paths"]]
+    mask_dir = Path(args.data) / "masks" / site
+    # masks are PNGs named as the image (the scored copy may be a shrunk JPEG of the same stem)
+    lesion = [i for i, p in enumerate(s["paths"])
+              if p.startswith("malignant/") and (mask_dir / f"{Path(p).stem}.png").exists()]
+    masks = [np.asarray(Image.open(mask_dir / f"{Path(s['paths'][i]).stem}.png").convert("L")) > 127 for i in lesion]
+
+    def maps_of(members: list[dict], method: str) -> torch.Tensor:
+        return torch.stack([scaled_maps(m[method][lesion], m["input_size"]) for m in members]).mean(0)
+
+    def figures(members: list[dict]) -> dict:
+        p = sigmoid(np.mean([log_odds(m["p"]) for m in members], axis=0))
+        threshold = float(sigmoid(np.mean([log_odds(np.array(m["threshold"])) for m in members])))
+        summary = summarise(y, p, threshold)
+        out = {"auc": roc_auc(y, p), "sens": summary["sensitivity"], "spec": summary["specificity"],
+               "ece": expected_calibration_error(y, p, 15), "p": p}
+        for method in METHODS if masks else ():
+            out[method] = pointing(maps_of(members, method), masks, members[0]["resize"])
+        return out
+
+    print(f"{SITES.get(site, site)}: {len(y)} images ({int(y.sum())} malignant) of {len(set(groups))} patients; "
+          f"pointing game on {len(lesion)} malignant images with masks")
+    head = f"  {'model':26} {'ROC-AUC (95% CI)':>21}  {'sens / spec':>13}  {'ECE':>5}  {'GC':>5} {'GC++':>5}"
+    print(head)
+    single = {}
+    for m in models:
+        f = single[m["name"]] = figures([m])
+        lo, hi = patient_bootstrap(y, f["p"], groups, n_boot=args.boot)
+        print(f"  {m['name']:26} {f['auc']:.3f} ({lo:.3f}-{hi:.3f})  {f['sens']:.3f} / {f['spec']:.3f}  "
+              f"{f['ece']:.3f}  {f.get('gradcam', float('nan')):5.2f} {f.get('gradcam++', float('nan')):5.2f}")
+    recipes: dict[str, list[dict]] = {}
+    for m in models:
+        recipes.setdefault(re.sub(r"-s\d+$", "", m["name"]), []).append(m)
+    print("\nPer recipe: single models (mean, min-max), ensembles of two (every pair: mean), of all members")
+    for recipe, members in recipes.items():
+        aucs = [single[m["name"]]["auc"] for m in members]
+        keys = ("auc", "sens", "spec", "ece", *(METHODS if masks else ()))
+        mean_single = {k: np.mean([single[m["name"]][k] for m in members]) for k in keys}
+        print(f"  {recipe} ({len(members)} seeds): single ROC-AUC mean {np.mean(aucs):.3f}, "
+              f"sd {np.std(aucs, ddof=1) if len(aucs) > 1 else 0:.3f}, range {min(aucs):.3f}-{max(aucs):.3f}; "
+              + ", ".join(f"{k} {v:.3f}" for k, v in mean_single.items() if k != "auc"))
+        if len(members) < 2:
+            continue
+        pairs = [figures(list(pair)) for pair in itertools.combinations(members, 2)]
+        gains = [f["auc"] - np.mean([single[a["name"]]["auc"], single[b["name"]]["auc"]])
+                 for f, (a, b) in zip(pairs, itertools.combinations(members, 2))]
+        print(f"    ensembles of 2 ({len(pairs)} pairs): ROC-AUC mean {np.mean([f['auc'] for f in pairs]):.3f} "
+              f"(range {min(f['auc'] for f in pairs):.3f}-{max(f['auc'] for f in pairs):.3f}; "
+              f"gain over the pair's mean single {np.mean(gains):+.3f}, positive in {sum(g > 0 for g in gains)}/"
+              f"{len(gains)}); " + ", ".join(f"{k} {np.mean([f[k] for f in pairs]):.3f}" for k in keys if k != "auc"))
+        f = figures(members)
+        lo, hi = patient_bootstrap(y, f["p"], groups, n_boot=args.boot)
+        print(f"    ensemble of all {len(members)}: ROC-AUC {f['auc']:.3f} ({lo:.3f}-{hi:.3f}); "
+              + ", ".join(f"{k} {f[k]:.3f}" for k in keys if k != "auc"))
+    names = list(recipes)
+    for a, b in itertools.combinations(names, 2):
+        seeds_a = {re.search(r"-s(\d+)$", m["name"]).group(1): m for m in recipes[a] if re.search(r"-s\d+$", m["name"])}
+        seeds_b = {re.search(r"-s(\d+)$", m["name"]).group(1): m for m in recipes[b] if re.search(r"-s\d+$", m["name"])}
+        common = sorted(set(seeds_a) & set(seeds_b))
+        if not common:
+            continue
+        diffs = [single[seeds_b[k]["name"]]["auc"] - single[seeds_a[k]["name"]]["auc"] for k in common]
+        print(f"  {b} against {a}, same seeds ({len(common)}): ROC-AUC {np.mean(diffs):+.3f} on average, "
+              f"better in {sum(d > 0 for d in diffs)}/{len(diffs)} ({', '.join(f'{d:+.3f}' for d in diffs)})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("scores", help="score checkpoints on one site into an .npz")
+    sc.add_argument("models", nargs="+")
+    sc.add_argument("--site", default="bus-uclm", choices=sorted(SITES))
+    sc.add_argument("--data", default=str(train_sites.DATA))
+    sc.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    sc.add_argument("--out", required=True)
+    rp = sub.add_parser("report", help="figures from one or more score files")
+    rp.add_argument("files", nargs="+")
+    rp.add_argument("--data", default=str(train_sites.DATA), help="for the masks (default: %(default)s)")
+    rp.add_argument("--boot", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "scores":
+        cmd_scores(args)
+    else:
+        cmd_report(args)
+
+
+if __name__ == "__main__":
+    main()
