@@ -144,6 +144,30 @@ def sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def shortcut_check(s: dict, single: dict, labels: Path) -> None:
+    """Where the site's labels.csv flags burned-in marks and Doppler boxes (BUS-UCLM): ROC-AUC
+    on the images without either, and between lesions only (benign against malignant)."""
+    import csv
+
+    if not labels.is_file():
+        return
+    rows = {Path(r["file"]).stem: r for r in csv.DictReader(labels.open(newline=""))}
+    stems = [Path(p).stem for p in s["paths"]]
+    if not all(k in rows and "marks" in rows[k] and "doppler" in rows[k] for k in stems):
+        return
+    flagged = np.array([rows[k]["marks"].startswith("Y") or rows[k]["doppler"].startswith("Y") for k in stems])
+    lesion = np.array([not p.startswith("normal/") for p in s["paths"]])
+    y = s["y"]
+    print(f"\nShortcut check ({labels}): ROC-AUC on the {int((~flagged).sum())} images without calipers or "
+          f"Doppler ({int(y[~flagged].sum())} malignant), on the {int(flagged.sum())} with them, and benign "
+          f"against malignant lesions only")
+    print(f"  {'model':26} {'all':>6} {'clean':>6} {'marked':>6} {'lesions':>7}")
+    for name, f in single.items():
+        p = f["p"]
+        print(f"  {name:26} {f['auc']:6.3f} {roc_auc(y[~flagged], p[~flagged]):6.3f} "
+              f"{roc_auc(y[flagged], p[flagged]):6.3f} {roc_auc(y[lesion], p[lesion]):7.3f}")
+
+
 def cmd_report(args) -> None:
     from PIL import Image
 
@@ -179,6 +203,7 @@ def cmd_report(args) -> None:
         lo, hi = patient_bootstrap(y, f["p"], groups, n_boot=args.boot)
         print(f"  {m['name']:26} {f['auc']:.3f} ({lo:.3f}-{hi:.3f})  {f['sens']:.3f} / {f['spec']:.3f}  "
               f"{f['ece']:.3f}  {f.get('gradcam', float('nan')):5.2f} {f.get('gradcam++', float('nan')):5.2f}")
+    shortcut_check(s, single, Path(args.data) / site / "labels.csv")
     recipes: dict[str, list[dict]] = {}
     for m in models:
         recipes.setdefault(re.sub(r"-s\d+$", "", m["name"]), []).append(m)
