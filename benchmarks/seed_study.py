@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_sites  # noqa: E402
+from compare_models import log_odds, sigmoid  # noqa: E402
 from ml import explain as explain_module  # noqa: E402
 from ml.data import normalise  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
@@ -133,15 +134,6 @@ def pointing(maps: torch.Tensor, masks: list[np.ndarray], resize: str) -> float:
         full = resize_heatmap(hm, mask.shape[::-1], resize)
         hits.append(full.sum() > 0 and bool(mask.flat[int(np.argmax(full))]))
     return float(np.mean(hits))
-
-
-def log_odds(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
-
-
-def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def shortcut_check(s: dict, single: dict, labels: Path) -> None:
