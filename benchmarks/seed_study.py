@@ -2,8 +2,11 @@
 """How much of a recipe's figure is the seed, and what an ensemble of seeds would score.
 
 Two steps, so that the models can be trained and scored on one machine (a GPU machine,
-say, where many seeds fit in minutes) and the figures computed on another:
+say, where many seeds fit in minutes) and the figures computed on another
+(``benchmarks/seed_study_gpu.sh`` is the run behind docs/model-quality.md's table):
 
+    # 0. (to train elsewhere) a copy of the sites at 256 px that travels: ~26 MB
+    .venv/bin/python benchmarks/seed_study.py shrink --out gpu_data
     # 1. score checkpoints (e.g. from train_sites.py --keep runs/NAME) on one site
     .venv/bin/python benchmarks/seed_study.py scores runs/*/busi+breast-lesions-usg.pt \\
         --site bus-uclm --out scores.npz [--data DIR] [--device cuda]
@@ -232,6 +235,33 @@ def cmd_report(args) -> None:
               f"better in {sum(d > 0 for d in diffs)}/{len(diffs)} ({', '.join(f'{d:+.3f}' for d in diffs)})")
 
 
+def cmd_shrink(args) -> None:
+    """A copy of the three sites with every image at most ``--size`` px a side (JPEG) and the
+    training sites' masks resized to match: small enough to carry to another machine."""
+    from PIL import Image
+
+    src, dst = Path(args.data), Path(args.out)
+    count = 0
+    for site in SITES:
+        for cls in train_sites.CLASSES:
+            for path in sorted((src / site / cls).glob("*")):
+                if not path.is_file():
+                    continue
+                image = Image.open(path).convert("RGB")
+                image.thumbnail((args.size, args.size), Image.BILINEAR)
+                out = dst / site / cls / f"{path.stem}.jpg"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                image.save(out, quality=90)
+                count += 1
+        for mask in sorted((src / "masks" / site).glob("*.png")):
+            image = next((dst / site).glob(f"*/{mask.stem}.jpg"), None)
+            if image is not None:
+                out = dst / "masks" / site / mask.name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                Image.open(mask).convert("L").resize(Image.open(image).size, Image.NEAREST).save(out)
+    print(f"{count} images under {dst}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -246,13 +276,14 @@ def main() -> None:
     rp.add_argument("--data", default=str(train_sites.DATA), help="for the masks (default: %(default)s)")
     rp.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=None)
+    sh = sub.add_parser("shrink", help="a small copy of the sites to carry to another machine")
+    sh.add_argument("--data", default=str(train_sites.DATA))
+    sh.add_argument("--size", type=int, default=256)
+    sh.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.command == "scores":
-        cmd_scores(args)
-    else:
-        cmd_report(args)
+    {"scores": cmd_scores, "report": cmd_report, "shrink": cmd_shrink}[args.command](args)
 
 
 if __name__ == "__main__":
