@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/train_sites.py --minutes 30        # the quoted figure
     .venv/bin/python benchmarks/train_sites.py --minutes 3         # a quick look
     .venv/bin/python benchmarks/train_sites.py --epochs 40         # the same schedule on any machine
+    .venv/bin/python benchmarks/train_sites.py --data gpu_data     # a copy of ../shared/data elsewhere
 
 Trains on BUSI (Egypt) + BrEaST-Lesions-USG (Poland) as one three-class ImageFolder
 (normal / benign / malignant), with the project's `ml.train.fit` (grouped 80/20 split,
