@@ -38,6 +38,13 @@ def main() -> None:
         meta["args"] = dict(meta["args"], masks="lesion masks of " + (", ".join(args.mask_sites) or "the training sites"))
         meta["lesion_masks"] = args.mask_sites
     meta.pop("history", None)  # per-epoch figures stay in the run's report, not in the shipped file
+    # train_sites.py names BUS-UCLM's patient pattern for every run; where BUS-UCLM was not a
+    # training site it grouped nothing, and the site's name in the shipped file would only mislead
+    for part in ("split", "args"):
+        pattern = (meta.get(part) or {}).get("group_pattern")
+        if pattern and not any(site.split(" (")[0] in pattern for site in args.sites):
+            meta[part] = dict(meta[part], group_pattern=None)
+            print(f"dropped the group pattern {pattern!r} from meta[{part!r}]: none of --sites is in it")
     save_checkpoint(args.out, model, meta, half=True)
     full, half = Predictor.from_checkpoint(args.checkpoint, "cpu"), Predictor.from_checkpoint(args.out, "cpu")
     a, b = predict_folder(full, args.check), predict_folder(half, args.check)

@@ -120,7 +120,8 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
                       erase_lesions=args.erase_lesions if masks else 0.0,
                       mixstyle=args.mixstyle,
                       layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment,
-                      group_pattern=PATIENT_PATTERN, resize=RESIZE_NAMES[args.resize])
+                      group_pattern=PATIENT_PATTERN if "bus-uclm" in train_sites else None,
+                      resize=RESIZE_NAMES[args.resize])
     t0 = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - t0) / 60
