@@ -117,6 +117,14 @@ def occlusion_drops(predictor: Predictor, cases: list[Case]) -> tuple[np.ndarray
     return np.array(base), np.array(lesion), np.array(elsewhere)
 
 
+def hit_and_mass(heatmap: np.ndarray, mask: np.ndarray, resize: str) -> tuple[bool, float]:
+    """The heatmap at the mask's (the image's) size: is its maximum inside the lesion (pointing
+    game), and what share of its mass lies there."""
+    full = resize_heatmap(heatmap, mask.shape[::-1], resize).astype(np.float64)
+    total = full.sum()
+    return bool(total > 0 and mask.flat[int(np.argmax(full))]), float(full[mask].sum() / total) if total > 0 else 0.0
+
+
 def localise(predictor: Predictor, cases: list[Case], variant: str, batch: int,
              scorecam_batch: int) -> dict[str, np.ndarray]:
     """Per image: pointing-game hit, mass inside, lesion area share; plus ms/img timings."""
@@ -135,10 +143,9 @@ def localise(predictor: Predictor, cases: list[Case], variant: str, batch: int,
         t_predict.append((t1 - t0) * 1e3 / len(chunk))
         t_explain.append((t2 - t1) * 1e3 / len(chunk))
         for c, hm in zip(chunk, maps.cpu().numpy()):
-            full = resize_heatmap(hm, c.mask.shape[::-1], predictor.resize).astype(np.float64)
-            total = full.sum()
-            hits.append(total > 0 and bool(c.mask.flat[int(np.argmax(full))]))
-            mass.append(full[c.mask].sum() / total if total > 0 else 0.0)
+            hit, inside = hit_and_mass(hm, c.mask, predictor.resize)
+            hits.append(hit)
+            mass.append(inside)
             area.append(c.mask.mean())
     return {"hit": np.array(hits, dtype=float), "mass": np.array(mass), "area": np.array(area),
             "ms_explain": np.array(t_explain), "ms_predict": np.array(t_predict)}

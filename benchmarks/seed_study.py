@@ -40,34 +40,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_sites  # noqa: E402
+from localisation import hit_and_mass  # noqa: E402
 from compare_models import log_odds, sigmoid  # noqa: E402
 from ml import explain as explain_module  # noqa: E402
 from ml.data import normalise  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
-from ml.render import resize_heatmap  # noqa: E402
 from train_sites import SITES, patient_bootstrap, patient_of  # noqa: E402
 
 METHODS = ("gradcam", "gradcam++")
 
 
 def raw_grids(predictor: Predictor, images: torch.Tensor, method: str, batch: int = 64) -> np.ndarray:
-    """ReLU(sum_c w_c A_c) at layer4's own grid, before upsampling and scaling."""
+    """ReLU(sum_c w_c A_c) at layer4's own grid, before upsampling and scaling: what
+    ``ml.explain.explain`` computes through ``cam_grid``, captured on its way to the product's
+    scaling (explain() returns only the scaled maps)."""
     grids = []
-    original = explain_module.weighted_cam
+    original = explain_module.cam_grid
 
-    def capture(weights, activations, size):
-        grids.append(F.relu(torch.einsum("nc,nchw->nhw", weights.float(), activations.float())).cpu())
-        return original(weights, activations, size)
+    def capture(weights, activations):
+        grid = original(weights, activations)
+        grids.append(grid.cpu())
+        return grid
 
-    explain_module.weighted_cam = capture
+    explain_module.cam_grid = capture
     try:
         for start in range(0, len(images), batch):
             x = normalise(images[start:start + batch].to(predictor.device), predictor.meta["mean"], predictor.meta["std"])
             explain_module.explain(predictor.model, x, method, "layer4")
     finally:
-        explain_module.weighted_cam = original
+        explain_module.cam_grid = original
     return torch.cat(grids).numpy().astype(np.float32)
 
 
@@ -99,6 +102,12 @@ def cmd_scores(args) -> None:
 
 # ---------------------------------------------------------------- report
 
+def recipe_and_seed(name: str) -> tuple[str, int | None]:
+    """``A40-s3`` -> ("A40", 3); a name without ``-sSEED`` is a recipe of its own, seed None."""
+    found = re.search(r"^(.*)-s(\d+)$", name)
+    return (found.group(1), int(found.group(2))) if found else (name, None)
+
+
 def load(files: list[str]) -> dict:
     """Merge score files of the same site and images into one list of models."""
     models, paths, y, site = [], None, None, None
@@ -116,27 +125,17 @@ def load(files: list[str]) -> dict:
                            "resize": str(z[f"resize_{i}"]),
                            "input_size": int(z[f"input_size_{i}"]), **{m: z[f"{m}_{i}"] for m in METHODS}})
             i += 1
-    def order(m):
-        seed = re.search(r"-s(\d+)$", m["name"])
-        return (re.sub(r"-s\d+$", "", m["name"]), int(seed.group(1)) if seed else -1)
-
-    models.sort(key=order)
+    models.sort(key=lambda m: (recipe_and_seed(m["name"])[0], recipe_and_seed(m["name"])[1] or -1))
     return {"models": models, "paths": list(paths), "y": y, "site": site}
 
 
 def scaled_maps(grids: np.ndarray, size: int) -> torch.Tensor:
     """The product's heatmap from raw grids: bilinear to the input size, then [0, 1] per image."""
-    maps = F.interpolate(torch.from_numpy(grids)[:, None], size=(size, size), mode="bilinear",
-                         align_corners=False)[:, 0]
-    return explain_module._minmax(maps)
+    return explain_module.scale_cam(torch.from_numpy(grids), (size, size))
 
 
 def pointing(maps: torch.Tensor, masks: list[np.ndarray], resize: str) -> float:
-    hits = []
-    for hm, mask in zip(maps.numpy(), masks):
-        full = resize_heatmap(hm, mask.shape[::-1], resize)
-        hits.append(full.sum() > 0 and bool(mask.flat[int(np.argmax(full))]))
-    return float(np.mean(hits))
+    return float(np.mean([hit_and_mass(hm, mask, resize)[0] for hm, mask in zip(maps.numpy(), masks)]))
 
 
 def shortcut_check(s: dict, single: dict, labels: Path) -> None:
@@ -201,7 +200,7 @@ def cmd_report(args) -> None:
     shortcut_check(s, single, Path(args.data) / site / "labels.csv")
     recipes: dict[str, list[dict]] = {}
     for m in models:
-        recipes.setdefault(re.sub(r"-s\d+$", "", m["name"]), []).append(m)
+        recipes.setdefault(recipe_and_seed(m["name"])[0], []).append(m)
     print("\nPer recipe: single models (mean, min-max), ensembles of two (every pair: mean), of all members")
     for recipe, members in recipes.items():
         aucs = [single[m["name"]]["auc"] for m in members]
@@ -225,9 +224,8 @@ def cmd_report(args) -> None:
               + ", ".join(f"{k} {f[k]:.3f}" for k in keys if k != "auc"))
     names = list(recipes)
     for a, b in itertools.combinations(names, 2):
-        seeds_a = {re.search(r"-s(\d+)$", m["name"]).group(1): m for m in recipes[a] if re.search(r"-s\d+$", m["name"])}
-        seeds_b = {re.search(r"-s(\d+)$", m["name"]).group(1): m for m in recipes[b] if re.search(r"-s\d+$", m["name"])}
-        common = sorted(set(seeds_a) & set(seeds_b))
+        seeds_a, seeds_b = ({recipe_and_seed(m["name"])[1]: m for m in recipes[r]} for r in (a, b))
+        common = sorted(set(seeds_a) & set(seeds_b) - {None})
         if not common:
             continue
         diffs = [single[seeds_b[k]["name"]]["auc"] - single[seeds_a[k]["name"]]["auc"] for k in common]

@@ -198,12 +198,21 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, 1), 0)
 
 
-def weighted_cam(weights: torch.Tensor, activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """ReLU(sum_c w_c A_c) upsampled (bilinear) to ``size`` and scaled to [0, 1] per image."""
-    cam = F.relu(torch.einsum("nc,nchw->nhw", weights.float(), activations.float()))
+def cam_grid(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_c w_c A_c) at the layer's own grid (N x h x w)."""
+    return F.relu(torch.einsum("nc,nchw->nhw", weights.float(), activations.float()))
+
+
+def scale_cam(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A grid of CAM values upsampled (bilinear) to ``size`` and scaled to [0, 1] per image."""
     if cam.shape[-2:] != size:
         cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return _minmax(cam)
+
+
+def weighted_cam(weights: torch.Tensor, activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU(sum_c w_c A_c) upsampled (bilinear) to ``size`` and scaled to [0, 1] per image."""
+    return scale_cam(cam_grid(weights, activations), size)
 
 
 # ---------------------------------------------------------------- Score-CAM
