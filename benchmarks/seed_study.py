@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_sites  # noqa: E402
 from localisation import hit_and_mass  # noqa: E402
 from compare_models import log_odds, sigmoid  # noqa: E402
+from ml import MLError  # noqa: E402
 from ml import explain as explain_module  # noqa: E402
 from ml.data import normalise  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
@@ -281,7 +282,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"scores": cmd_scores, "report": cmd_report, "shrink": cmd_shrink}[args.command](args)
+    try:
+        {"scores": cmd_scores, "report": cmd_report, "shrink": cmd_shrink}[args.command](args)
+    except (MLError, OSError) as exc:  # a missing checkpoint, data folder or score file: say which
+        sys.exit(f"seed_study: {exc}")
 
 
 if __name__ == "__main__":
