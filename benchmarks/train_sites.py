@@ -118,7 +118,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
                       masks=str(masks) if masks else None, mask_weight=args.mask_weight,
                       mask_margin=args.mask_margin,
                       erase_lesions=args.erase_lesions if masks else 0.0,
-                      mixstyle=args.mixstyle,
+                      mixstyle=args.mixstyle, randconv=args.randconv,
                       layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment,
                       group_pattern=PATIENT_PATTERN if "bus-uclm" in train_sites else None,
                       resize=RESIZE_NAMES[args.resize])
@@ -130,7 +130,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
               "masks": bool(masks), "mask_weight": args.mask_weight if masks else 0.0,
               "mask_margin": args.mask_margin if masks else 0,
               "erase_lesions": args.erase_lesions if masks else 0.0,
-              "mixstyle": args.mixstyle,
+              "mixstyle": args.mixstyle, "randconv": args.randconv,
               "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment,
               "resize": RESIZE_NAMES[args.resize], "schedule": f"{args.epochs} epoch(s), fixed" if args.epochs
               else f"as many epochs as {args.minutes:g} min allow", "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
@@ -152,6 +152,7 @@ def show(report: dict) -> None:
                                report.get("masks")),
                               (f"lesions erased at p {report.get('erase_lesions')}", report.get("erase_lesions")),
                               (f"MixStyle at p {report.get('mixstyle')}", report.get("mixstyle")),
+                              (f"RandConv at p {report.get('randconv')}", report.get("randconv")),
                               ("layer4 stride 1", report.get("layer4_stride") == 1),
                               ("letterboxed input", report.get("resize") == "letterbox-bilinear"),
                               (f"aspect augmentation {report.get('aspect_augment')}",
@@ -184,6 +185,8 @@ def main() -> None:
                     help="with --masks: probability of a masked image trained as its lesion-free copy (normal)")
     ap.add_argument("--mixstyle", type=float, default=0.0,
                     help="probability per batch of MixStyle after layer1 and layer2 (as train --mixstyle)")
+    ap.add_argument("--randconv", type=float, default=0.0,
+                    help="probability per image of a random-filter texture (as train --randconv)")
     ap.add_argument("--aspect-augment", type=float, default=1.0,
                     help="random width/height stretch up to this ratio (1 = off)")
     ap.add_argument("--layer4-stride", type=int, default=2, choices=(1, 2))

@@ -177,3 +177,33 @@ def mix_styles(features: torch.Tensor, generator: torch.Generator | None = None,
     mixed_mean = lam * mean + (1 - lam) * mean[other]
     mixed_std = lam * std + (1 - lam) * std[other]
     return (features - mean) / std * mixed_std + mixed_mean
+
+
+def random_convolution(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5,
+                       kernel_sizes: tuple[int, ...] = (1, 3, 5, 7)) -> torch.Tensor:
+    """RandConv (Xu et al., "Robust and generalizable visual representation learning via
+    random convolutions", ICLR 2021), for grey ultrasound: each image of a float [0, 255]
+    batch is, with probability ``p``, filtered by a random k x k kernel (k drawn per batch from
+    ``kernel_sizes``, weights from He's normal), brought back to its own mean and standard
+    deviation, and blended with the original by a weight drawn from U(0, 1). A random filter
+    changes local texture and edge response (what differs between scanners and presets) but
+    keeps shapes, so a model trained on it leans more on lesion shape and less on a
+    scanner's texture. The image stays grey (one kernel for the grey level, the result on
+    every channel). All randomness comes from ``generator``; ``p`` = 0 draws nothing."""
+    if p <= 0:
+        return x
+    n, c, h, w = x.shape
+    g = generator
+    chosen = (torch.rand(n, generator=g) < p).view(n, 1, 1, 1)
+    k = kernel_sizes[int(torch.randint(len(kernel_sizes), (1,), generator=g))]
+    weights = torch.randn(n, 1, k, k, generator=g) * math.sqrt(2.0 / (k * k))
+    alpha = torch.rand(n, generator=g).view(n, 1, 1, 1)
+    grey = x.mean(dim=1, keepdim=True)                                    # N x 1 x H x W
+    pad = k // 2
+    padded = F.pad(grey.reshape(1, n, h, w), (pad, pad, pad, pad), mode="reflect" if pad < min(h, w) else "replicate")
+    filtered = F.conv2d(padded, weights.to(x.dtype), groups=n).reshape(n, 1, h, w)
+    mean, std = grey.mean(dim=(2, 3), keepdim=True), grey.std(dim=(2, 3), keepdim=True)
+    f_mean, f_std = filtered.mean(dim=(2, 3), keepdim=True), filtered.std(dim=(2, 3), keepdim=True)
+    filtered = (filtered - f_mean) / (f_std + 1e-6) * std + mean
+    blended = (alpha * grey + (1 - alpha) * filtered).clamp(0, 255).expand(n, c, h, w)
+    return torch.where(chosen, blended, x)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ml import MLError
-from ml.augment import augment_batch, erase_lesions, mix_styles, scanner_shift
+from ml.augment import augment_batch, erase_lesions, mix_styles, random_convolution, scanner_shift
 from ml.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cache_images,
                      compile_group_pattern, load_masks, named_groups, near_duplicate_groups, normalise,
@@ -63,6 +63,7 @@ class TrainConfig:
     mask_margin: int = 0              # grid cells around the lesion that also count as inside (its surroundings)
     erase_lesions: float = 0.0        # probability of training a masked image as a lesion-free "normal"
     mixstyle: float = 0.0             # probability per batch of mixing feature styles after layer1 and layer2 (ml.augment.mix_styles)
+    randconv: float = 0.0             # probability per image of a random-filter texture (ml.augment.random_convolution)
     layer4_stride: int | None = None  # 1: an 8 x 8 last feature map at 128 px; None: the start weights' (else 2)
     resize: str | None = None         # "square-bilinear" or "letterbox-bilinear" (ml.data.RESIZE_MODES); None: the start weights' (else square)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
@@ -174,7 +175,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                     has_mask: torch.Tensor | None = None,
                     mask_weight: float = 0.0, mask_margin: int = 0, max_aspect: float = 1.0,
                     erase_lesions_p: float = 0.0, normal_target: float | int | None = None,
-                    mixstyle_p: float = 0.0) -> tuple[float, float, int]:
+                    mixstyle_p: float = 0.0, randconv_p: float = 0.0) -> tuple[float, float, int]:
     """One pass over (uint8 images, targets) in shuffled batches; returns (mean loss,
     accuracy, images seen). Targets are 0/1 floats for a one-logit model (accuracy at 0.5)
     or class indices for a multi-class one (accuracy of the arg-max). A final batch of
@@ -190,7 +191,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
 
     With ``mixstyle_p`` > 0, each batch is, with that probability, trained with
     :func:`ml.augment.mix_styles` applied to the outputs of layer1 and layer2
-    (:func:`style_mixing`)."""
+    (:func:`style_mixing`). With ``randconv_p`` > 0, each image is, with that probability,
+    filtered by :func:`ml.augment.random_convolution` after the other augmentations."""
     use_masks = masks is not None and has_mask is not None and mask_weight > 0
     use_erase = masks is not None and has_mask is not None and erase_lesions_p > 0 and normal_target is not None
     model.train()
@@ -220,6 +222,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                 x = augment_batch(x, generator, max_aspect=max_aspect) if augment else x.float()
             if scanner:
                 x = scanner_shift(x, generator)
+            if randconv_p > 0:
+                x = random_convolution(x, generator, randconv_p)
             # normalise() takes uint8-range values; float input is fine
             x = normalise(x, mean, std).to(device, non_blocking=True)
             y = y.to(device)
@@ -484,7 +488,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                                           mask_weight=cfg.mask_weight, mask_margin=cfg.mask_margin,
                                           max_aspect=cfg.aspect_augment,
                                           erase_lesions_p=cfg.erase_lesions, normal_target=normal_target,
-                                          mixstyle_p=cfg.mixstyle)
+                                          mixstyle_p=cfg.mixstyle, randconv_p=cfg.randconv)
         train_seconds = time.perf_counter() - t0
         val_logit, val_loss = evaluate_logits(scored, x_val, y_val_labels, 2 * cfg.batch_size, device,
                                               criterion=eval_criterion)
@@ -538,7 +542,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
 
 def check_config(cfg: TrainConfig) -> None:
     """The ranges the command line enforces, for a config built in Python (MLError names the option)."""
-    ranges = {"mask_margin": (0, 3), "mask_weight": (0, math.inf), "erase_lesions": (0, 1), "mixstyle": (0, 1), "ema": (0, 1 - 1e-12),
+    ranges = {"mask_margin": (0, 3), "mask_weight": (0, math.inf), "erase_lesions": (0, 1), "mixstyle": (0, 1), "randconv": (0, 1), "ema": (0, 1 - 1e-12),
               "val_split": (1e-12, 1 - 1e-12), "aspect_augment": (1, 3)}
     for name, (low, high) in ranges.items():
         value = getattr(cfg, name)

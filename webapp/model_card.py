@@ -143,6 +143,8 @@ def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
                                   f"{args.get('mask_weight', 1.0):g}{f', margin {margin} cell(s)' if margin else ''})")
     if args.get("mixstyle"):
         recipe["mixstyle"] = f"p {args['mixstyle']:g} (feature styles mixed between images in training)"
+    if args.get("randconv"):
+        recipe["randconv"] = f"p {args['randconv']:g} (random-filter textures blended into training images)"
     return recipe
 
 

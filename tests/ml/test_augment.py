@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ml.augment import augment_batch, mix_styles, scanner_shift
+from ml.augment import augment_batch, mix_styles, random_convolution, scanner_shift
 
 
 def _batch(n: int = 6, size: int = 48) -> torch.Tensor:
@@ -69,3 +69,30 @@ def test_mix_styles_keeps_each_images_content_and_moves_its_statistics_towards_a
     assert (after - before).abs().max() > 1.0
     single = x[:1]
     assert torch.equal(mix_styles(single, torch.Generator().manual_seed(1)), single)   # nothing to mix with
+
+
+def test_random_convolution_changes_texture_keeps_grey_brightness_and_shape_and_repeats():
+    x = _batch(8, 48).float()
+    assert torch.equal(random_convolution(x, torch.Generator().manual_seed(0), p=0.0), x)   # off: untouched
+    out = random_convolution(x, torch.Generator().manual_seed(5), p=1.0)
+    assert torch.equal(out, random_convolution(x, torch.Generator().manual_seed(5), p=1.0))
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 255
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])         # still grey
+    assert not torch.equal(out, x.mean(dim=1, keepdim=True).expand_as(x))                 # texture changed
+    # each image keeps its brightness (mean), up to clipping at 0 and 255
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=12)
+    # a bright disc on a dark field stays a disc: filtering changes texture, not where things are
+    disc = torch.full((6, 3, 64, 64), 20.0)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    inside = ((yy - 32) ** 2 + (xx - 32) ** 2) < 14 ** 2
+    disc[:, :, inside] = 200.0
+    r = ((yy - 32) ** 2 + (xx - 32) ** 2).float().sqrt()
+    for seed in range(4):
+        f = random_convolution(disc, torch.Generator().manual_seed(seed), p=1.0)[:, 0]
+        # flat regions stay flat (a filter of a constant is a constant): all the structure left
+        # is at the disc's outline, where it was
+        assert (f[:, r < 9].std(dim=1) < 1e-2).all() and (f[:, r > 19].std(dim=1) < 1e-2).all()
+        assert (f.flatten(1).std(dim=1) > 1).all()
+    mixed = random_convolution(x, torch.Generator().manual_seed(1), p=0.5)
+    kept = (mixed == x).flatten(1).all(dim=1)
+    assert 0 < int(kept.sum()) < len(x)   # about half the images are filtered

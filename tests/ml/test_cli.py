@@ -108,3 +108,5 @@ def test_train_resize_letterbox_reaches_the_checkpoint_and_evaluate_follows_it(t
     assert bad.exit_code == 2 and "crop" in bad.output
     bad = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--mixstyle", "2"])
     assert bad.exit_code == 2 and "--mixstyle" in bad.output
+    bad = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--randconv", "1.5"])
+    assert bad.exit_code == 2 and "--randconv" in bad.output

@@ -80,6 +80,15 @@ def test_same_seed_same_run(tiny_folder, tmp_path):
     assert torch.equal(wa, wb)
 
 
+def test_randconv_repeats_with_the_seed_changes_training_and_is_recorded(tiny_folder, tmp_path):
+    runs = {name: fit(config(tiny_folder, tmp_path / f"{name}.pt", **kw))
+            for name, kw in (("a", {"randconv": 1.0}), ("b", {"randconv": 1.0}), ("off", {}))}
+    weights = {name: load_checkpoint(tmp_path / f"{name}.pt")["state_dict"]["fc.weight"] for name in runs}
+    assert torch.equal(weights["a"], weights["b"])
+    assert not torch.equal(weights["a"], weights["off"])
+    assert load_checkpoint(tmp_path / "a.pt")["meta"]["args"]["randconv"] == 1.0
+
+
 def test_mixstyle_repeats_with_the_seed_changes_training_and_leaves_no_hooks(tiny_folder, tmp_path):
     from ml.model import build_model
     from ml.train import style_mixing
@@ -198,7 +207,7 @@ def test_a_fine_tune_reads_its_parents_metadata_once_and_sees_a_replaced_parent(
 
 
 @pytest.mark.parametrize("option, value", [("mask_margin", -1), ("mask_margin", 4), ("erase_lesions", 1.5), ("mixstyle", 1.5),
-                                           ("ema", 1.0), ("mask_weight", -0.5)])
+                                           ("randconv", -0.1), ("ema", 1.0), ("mask_weight", -0.5)])
 def test_options_out_of_range_fail_before_training(tiny_folder, tmp_path, option, value):
     with pytest.raises(MLError, match=f"{option} .* is out of range"):
         fit(config(tiny_folder, tmp_path / "m.pt", **{option: value}))
