@@ -4,6 +4,8 @@
 #   .venv/bin/python benchmarks/seed_study.py shrink --out gpu_data     # here, once
 #   then there, from the repository root with gpu_data/ beside it and $OUT an output folder:
 #   bash benchmarks/recipe_study_gpu.sh
+#   (the first call's time ran out before the 80-epoch runs; they ran in a second call with a
+#   four-line job list: JOBS=FILE THREADS=4 SLOTS=4 TRAIN_S=250 bash benchmarks/recipe_study_gpu.sh)
 # Then here: .venv/bin/python benchmarks/seed_study.py report OUT/SITE-*.npz   (one site at a time)
 # Each line of the job list is NAME (RECIPE-sSEED) and its train_sites.py options; every run
 # is at 144 px with masks and layer4 stride 1 (the demo recipe). A recipe whose name starts
@@ -13,7 +15,7 @@
 set -u
 export D=${D:-gpu_data} PYTHONUNBUFFERED=1 THREADS=${THREADS:-1}
 nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available())"
-mkdir -p runs
+rm -rf runs; mkdir -p runs   # a warm machine keeps the previous call's runs: start clean
 : > runs/jobs.txt
 if [ -n "${JOBS:-}" ]; then cp "$JOBS" runs/jobs.txt; else   # JOBS=FILE: another job list (a dry run)
 for s in 0 1 2 3 4 5; do
