@@ -22,7 +22,7 @@ def test_model_card_page_and_roc_image(app, client):
                         "compared_with": {"version": "v1", "locked_test": {"roc_auc": 0.75}},
                         "training_data": {"n_base": 32, "n_feedback": 4},
                         "input_size": 128, "resize": "letterbox-bilinear", "layer4_stride": 1,
-                        "args": {"masks": "/data/masks", "mask_weight": 1.0, "mixstyle": 0.0},
+                        "args": {"masks": "/data/masks", "mask_weight": 1.0, "mixstyle": 0.0, "randconv": 0.5},
                         "promotion": {"mode": "auto", "promote": False, "reasons": ["sensitivity below"]}}
         db.session.commit()
     login(client, "boss@example.org")
@@ -33,6 +33,7 @@ def test_model_card_page_and_roc_image(app, client):
     assert 'href="/admin/models/v1"' in page and "not promoted" in page
     assert "128 × 128 px, letterboxed" in page and "8 × 8 (layer4 stride 1)" in page
     assert "radiologists&#39; outlines (weight 1)" in page and "mixstyle" not in page   # MixStyle was off
+    assert "p 0.5 (random-filter textures blended into training images)" in page
     roc = client.get("/admin/models/v2/roc.png")
     assert roc.status_code == 200 and roc.mimetype == "image/png"
     assert client.get("/admin/models/v1/roc.png").status_code == 404
