@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU run behind docs/model-quality.md's "RandConv and 80 epochs at 144 px" table, as it
-# ran on a lent machine (the sibling of seed_study_gpu.sh, with a job list of its own):
+# ran on a lent machine, and the machinery that seed_study_gpu.sh's job list runs on:
 #   .venv/bin/python benchmarks/seed_study.py shrink --out gpu_data     # here, once
 #   then there, from the repository root with gpu_data/ beside it and $OUT an output folder:
 #   bash benchmarks/recipe_study_gpu.sh
@@ -8,7 +8,7 @@
 #   four-line job list: JOBS=FILE THREADS=4 SLOTS=4 TRAIN_S=250 bash benchmarks/recipe_study_gpu.sh)
 # Then here: .venv/bin/python benchmarks/seed_study.py report OUT/SITE-*.npz   (one site at a time)
 # Each line of the job list is NAME (RECIPE-sSEED) and its train_sites.py options; every run
-# is at 144 px with masks and layer4 stride 1 (the demo recipe). A recipe whose name starts
+# is at SIZE px (default 144) with masks and layer4 stride 1 (the demo recipe). A recipe whose name starts
 # with "b" holds BrEaST-Lesions-USG out (trains on BUSI + BUS-UCLM) instead of BUS-UCLM, so a
 # change is judged on two hospitals nobody trained on. Runs still training after TRAIN_S
 # seconds are stopped and left out; scores and logs land in $OUT.
