@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ml import MLError  # noqa: E402
 from ml.data import RESIZE_NAMES  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
@@ -214,7 +215,10 @@ def main() -> None:
     reports = []
     for train_sites, test_sites in plans:
         with tempfile.TemporaryDirectory(prefix="sites-") as tmp:
-            report = run(train_sites, test_sites, args, Path(tmp))
+            try:
+                report = run(train_sites, test_sites, args, Path(tmp))
+            except MLError as exc:   # an option out of range (train's own check), say which
+                sys.exit(f"train_sites: {exc}")
             if args.keep:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 name = "+".join(train_sites) + ".pt"
