@@ -32,7 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml import MLError  # noqa: E402
+from ml.checkpoint import load_checkpoint  # noqa: E402
 from ml.data import RESIZE_NAMES  # noqa: E402
+from ml.ensemble import combine  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
@@ -112,8 +114,11 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
                 os.symlink(f.resolve(), masks / f"{s}__{f.name}")
     # --epochs N: a schedule that does not depend on the machine's speed (the learning rate
     # follows the step count); else the clock: as many epochs as --minutes allow
+    if args.combine:  # no training: the members' ensemble, judged as a run is
+        return judged(combine(args.combine, merged, out), ensemble_report(args.combine), train_sites, test_sites,
+                      work, out)
     cfg = TrainConfig(data=str(merged), out=str(out), epochs=args.epochs or 10_000, img_size=args.img_size,
-                      batch_size=32, seed=args.seed, time_limit_min=None if args.epochs else args.minutes,
+                      batch_size=32, seed=args.seed, split_seed=args.split_seed, time_limit_min=None if args.epochs else args.minutes,
                       patience=10_000,
                       ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment,
                       masks=str(masks) if masks else None, mask_weight=args.mask_weight,
@@ -126,7 +131,6 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     t0 = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - t0) / 60
-    predictor = Predictor.from_checkpoint(out, "cpu")
     report = {"train_sites": train_sites, "scanner_augment": args.scanner_augment,
               "masks": bool(masks), "mask_weight": args.mask_weight if masks else 0.0,
               "mask_margin": args.mask_margin if masks else 0,
@@ -135,7 +139,30 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
               "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment,
               "resize": RESIZE_NAMES[args.resize], "schedule": f"{args.epochs} epoch(s), fixed" if args.epochs
               else f"as many epochs as {args.minutes:g} min allow", "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
-              "epochs_run": len(result["history"]), "sites": {}}
+              "epochs_run": len(result["history"])}
+    return judged(result, report, train_sites, test_sites, work, out)
+
+
+def ensemble_report(members: list[str]) -> dict:
+    """What a --combine run reports in place of training: its members."""
+    metas = [load_checkpoint(m)["meta"] for m in members]
+    args = metas[0].get("args") or {}
+    return {"train_sites": None, "scanner_augment": bool(args.get("scanner_augment")),
+            "masks": bool(args.get("masks")), "mask_weight": args.get("mask_weight", 0.0),
+            "mixstyle": args.get("mixstyle", 0.0), "randconv": args.get("randconv", 0.0),
+            "layer4_stride": metas[0].get("layer4_stride"), "aspect_augment": args.get("aspect_augment", 1.0),
+            "resize": metas[0].get("resize"), "minutes": 0.0,
+            "schedule": f"ensemble of {len(members)}: " + ", ".join(
+                f"seed {m.get('seed')} ({(m.get('args') or {}).get('epochs')} epochs)" for m in metas),
+            "best_epoch": "/".join(str(m.get("epoch")) for m in metas), "epochs_run": 0,
+            "members": [str(m) for m in members]}
+
+
+def judged(result: dict, report: dict, train_sites: list[str], test_sites: list[str], work: Path, out: Path) -> dict:
+    """``report`` plus the model at ``out`` judged site by site: the validation part of each
+    training site (``result["val_paths"]``) and every held-out site."""
+    predictor = Predictor.from_checkpoint(out, "cpu")
+    report = dict(report, train_sites=train_sites, sites={})
     for site in train_sites:
         # the validation part fit() held out, judged site by site (merged path: train/CLASS/SITE__NAME)
         files = [(site, Path(os.readlink(p)), Path(p).parent.name)
@@ -176,6 +203,8 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--ema", type=float, default=0.99)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-seed", type=int, default=None,
+                    help="seed of the train/validation split (default: --seed); runs that share it can be ensembled")
     ap.add_argument("--scanner-augment", action="store_true", help="train with ml.augment.scanner_shift")
     ap.add_argument("--masks", action="store_true",
                     help="lesion-attention loss on the training sites' masks (<data>/masks/<site>/)")
@@ -201,6 +230,9 @@ def main() -> None:
                     help="folder holding the three sites (and masks/) as in ../shared/data (default: %(default)s)")
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--keep", help="keep the model(s) in this folder")
+    ap.add_argument("--combine", nargs="+", metavar="MODEL",
+                    help="train nothing: judge the ensemble of these checkpoints (trained here with one "
+                         "--split-seed), calibrated on their shared validation part")
     args = ap.parse_args()
     use_data(args.data)
     if args.epochs is not None and args.epochs < 1:

@@ -121,19 +121,31 @@ def positive_outputs(meta: dict[str, Any]) -> tuple[int, ...]:
     return tuple(i for i, c in enumerate(names) if c in wanted)
 
 
+def ensemble_size(meta: dict[str, Any]) -> int:
+    """How many networks an ensemble checkpoint holds (1 for a single network)."""
+    members = (meta.get("ensemble") or {}).get("members") or []
+    if meta.get("ensemble") and (not isinstance(members, list) or len(members) < 2):
+        raise CheckpointError("an ensemble checkpoint must list at least two members")
+    return max(1, len(members))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the network described by a checkpoint, load its weights, and return (model, meta).
 
-    The model is in eval mode, float32, on ``device``.
+    The model is in eval mode, float32, on ``device``; an ensemble checkpoint gives an
+    :class:`ml.ensemble.EnsembleNet` (its members' outputs averaged).
     """
+    from ml.ensemble import build_ensemble
     from ml.model import build_model
 
     payload = load_checkpoint(path)
     meta = payload["meta"]
     num_outputs = int(meta.get("num_outputs") or 1)
     positive = positive_outputs(meta) if num_outputs > 1 else None
+    stride = int(meta.get("layer4_stride") or 2)
     try:
-        model = build_model("none", num_outputs, positive, int(meta.get("layer4_stride") or 2))
+        model = (build_ensemble(ensemble_size(meta), num_outputs, positive, stride) if meta.get("ensemble")
+                 else build_model("none", num_outputs, positive, stride))
     except MLError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}

@@ -39,6 +39,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(0))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--split-seed", type=int, default=None, help="seed of the train/validation split (default: --seed); members of one ensemble share it")
 @click.option("--folds", default=0, show_default=True, type=click.IntRange(0), help="k-fold cross-validation (k >= 2); reports mean ± sd")
 @click.option("--target-sensitivity", default=0.90, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="operating threshold is chosen on validation data to reach this sensitivity")
 @click.option("--patience", default=15, show_default=True, type=click.IntRange(1), help="early stopping: epochs without a validation ROC-AUC gain")
@@ -168,4 +169,29 @@ def predict(model_path: str, batch_size: int, device: str | None, images: tuple[
         sys.exit(1)
 
 
-COMMANDS = [train, evaluate, predict]
+@click.command()
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the ImageFolder the members were trained on (their shared validation part is taken from it)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ensemble checkpoint to write")
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True),
+              help="the operating threshold reaches this sensitivity on the validation part (default: the members')")
+@click.option("--device", default=None)
+@click.argument("members", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@user_errors
+def ensemble(data: str, out: str, target_sensitivity: float | None, device: str | None, members: tuple[str, ...]) -> None:
+    """Combine checkpoints trained on DATA with one --split-seed into one ensemble checkpoint.
+
+    The ensemble predicts the mean of its members' outputs (and explains that mean); its
+    calibration and threshold are fitted on the members' shared validation part."""
+    from ml.ensemble import combine
+
+    meta = combine(list(members), data, out, target_sensitivity=target_sensitivity, device=device)["meta"]
+    for row in meta["ensemble"]["members"]:
+        click.echo(f"member {row['file']} (seed {row['seed']}, epoch {row['epoch']}): val roc_auc {row['val_roc_auc']:.3f}")
+    m = meta["val_metrics"]["at_threshold"]
+    click.echo(f"ensemble of {len(members)}: val roc_auc {m['roc_auc']:.3f}; at threshold {m['threshold']:.3f}: "
+               f"sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f} ECE {m['ece']:.3f}")
+    click.echo(f"wrote {out}")
+
+
+COMMANDS = [train, evaluate, predict, ensemble]

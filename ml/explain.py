@@ -128,6 +128,8 @@ def _analytic_head_weight(model: nn.Module, layer: nn.Module) -> torch.Tensor | 
     """
     from torchvision.models import ResNet
 
+    if getattr(model, "is_ensemble", False):  # ml.ensemble.EnsembleNet: its head is linear too
+        return model.fc.weight if layer in (model.layer4, model.layer4[-1]) else None
     if not isinstance(model, ResNet) or type(model).forward is not ResNet.forward \
             or type(model)._forward_impl is not ResNet._forward_impl:
         return None

@@ -7,6 +7,7 @@ malignancy probability before calibration.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torchvision import models
 from ml import MLError
 
 ARCHITECTURE = "resnet18"
+log = logging.getLogger(__name__)
 
 
 class WeightsUnavailableError(MLError):
@@ -138,6 +140,12 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsUnavailableError(f"--weights: {path} holds no ResNet18 state dict")
     state = {k.removeprefix("module."): v.float() for k, v in state.items()}
+    from ml.ensemble import is_ensemble_state, member_state
+
+    if is_ensemble_state(state):
+        # a fine-tune needs one network: the ensemble's first member starts it
+        log.warning("--weights %s is an ensemble: starting from its first member", path)
+        state = member_state(state, 0)
     # A head of another shape (ImageNet's 1000 classes, a binary head for a 3-class run)
     # does not carry over: only the backbone does.
     if state.get("fc.weight") is not None and state["fc.weight"].shape != model.fc.weight.shape:

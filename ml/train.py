@@ -46,6 +46,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    split_seed: int | None = None     # seed of the train/validation split; None: ``seed`` (members of one ensemble share a split)
     folds: int = 0
     target_sensitivity: float = 0.90
     patience: int = 15
@@ -550,6 +551,44 @@ def check_config(cfg: TrainConfig) -> None:
             raise MLError(f"{name} {value!r} is out of range ({low:g} to {high:g})")
 
 
+@dataclass
+class TrainingData:
+    """A training folder read and grouped as :func:`fit` splits it."""
+    index: Any
+    cache: CachedImages
+    fingerprint: dict[str, Any]
+    y: np.ndarray                  # 1 = malignant, per image
+    groups: np.ndarray | None      # images that must stay on one side of the split
+    split_seed: int
+
+
+def load_training_data(cfg: TrainConfig) -> TrainingData:
+    """Scan, read and group ``cfg.data`` exactly as training does (the split depends on it)."""
+    index = scan_folder(cfg.data, cfg.positive_classes)
+    if cfg.group_pattern:  # a bad pattern fails before the images are read
+        compile_group_pattern(cfg.group_pattern)
+    resize = resize_mode(cfg)   # a bad mode fails before the images are read
+    cache = cache_images(index, cfg.img_size, strict=cfg.strict, progress=cfg.progress, resize=resize)
+    fingerprint = index.fingerprint()
+    if cache.skipped:
+        fingerprint["n_skipped"] = len(cache.skipped)
+    groups = near_duplicate_groups(cache.images) if cfg.group_duplicates else None
+    if cfg.group_pattern:
+        groups = named_groups(cache.paths, cfg.group_pattern, groups)
+    return TrainingData(index, cache, fingerprint, cache.targets.numpy().astype(int), groups,
+                        cfg.seed if cfg.split_seed is None else cfg.split_seed)
+
+
+def validation_indices(cfg: TrainConfig, data: TrainingData) -> np.ndarray:
+    """The validation part of a single-split run (what :func:`fit` validates and calibrates on)."""
+    return train_val_split(data.y, cfg.val_split, data.split_seed, data.groups)[1]
+
+
+def split_hash(val_idx: np.ndarray) -> str:
+    """The short hash a checkpoint records of its validation part (``split.val_sha``)."""
+    return hashlib.sha256(",".join(map(str, val_idx.tolist())).encode()).hexdigest()[:16]
+
+
 def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) -> dict[str, Any]:
     """Load the data once, split it (or run k-fold cross-validation) and train.
 
@@ -560,34 +599,25 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
     """
     out = Path(cfg.out)
     check_config(cfg)
-    index = scan_folder(cfg.data, cfg.positive_classes)
     if cfg.erase_lesions > 0 and not cfg.masks:
         raise MLError("erasing lesions needs lesion masks (--masks)")
-    if cfg.group_pattern:  # a bad pattern fails before the images are read
-        compile_group_pattern(cfg.group_pattern)
-    resize = resize_mode(cfg)   # a bad mode fails before the images are read
-    cache = cache_images(index, cfg.img_size, strict=cfg.strict, progress=cfg.progress, resize=resize)
-    fingerprint = index.fingerprint()
-    if cache.skipped:
-        fingerprint["n_skipped"] = len(cache.skipped)
-    y = cache.targets.numpy().astype(int)
-    groups = near_duplicate_groups(cache.images) if cfg.group_duplicates else None
-    if cfg.group_pattern:
-        groups = named_groups(cache.paths, cfg.group_pattern, groups)
+    data = load_training_data(cfg)
+    index, cache, fingerprint, y, groups, split_seed = (data.index, data.cache, data.fingerprint, data.y,
+                                                        data.groups, data.split_seed)
     n_groups = len(np.unique(groups)) if groups is not None else len(y)
 
     def split_info(val_idx: np.ndarray, fold: int | None) -> dict:
-        val_sha = hashlib.sha256(",".join(map(str, val_idx.tolist())).encode()).hexdigest()[:16]
+        val_sha = split_hash(val_idx)
         return {"val_fraction": cfg.val_split, "folds": cfg.folds, "fold": fold,
                 "grouped_near_duplicates": cfg.group_duplicates, "group_pattern": cfg.group_pattern,
                 "n_groups": int(n_groups),
                 "n_train": int(len(y) - len(val_idx)), "n_val": int(len(val_idx)),
-                "seed": cfg.seed, "val_sha": val_sha}
+                "seed": split_seed, "val_sha": val_sha}
 
     common = dict(cache=cache, fingerprint=fingerprint, class_names=index.class_names,
                   positive_classes=index.positive_classes)
     if cfg.folds and cfg.folds >= 2:
-        folds = stratified_folds(y, cfg.folds, cfg.seed, groups)
+        folds = stratified_folds(y, cfg.folds, split_seed, groups)
         results = []
         for k, val_idx in enumerate(folds, start=1):
             train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
@@ -600,7 +630,7 @@ def fit(cfg: TrainConfig, on_epoch: Callable[[EpochLog], None] | None = None) ->
         out.write_bytes(Path(best["checkpoint"]).read_bytes())
         summary = {"folds": results, "checkpoint": str(out), "cv": cv_summary(results)}
         return summary
-    train_idx, val_idx = train_val_split(y, cfg.val_split, cfg.seed, groups)
+    train_idx, val_idx = train_val_split(y, cfg.val_split, split_seed, groups)
     result = run_split(cfg, train_idx=train_idx, val_idx=val_idx, out=out,
                        split_info=split_info(val_idx, None), on_epoch=on_epoch, **common)
     result["skipped_files"] = [str(p) for p, _ in cache.skipped]

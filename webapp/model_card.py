@@ -145,6 +145,12 @@ def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
         recipe["mixstyle"] = f"p {args['mixstyle']:g} (feature styles mixed between images in training)"
     if args.get("randconv"):
         recipe["randconv"] = f"p {args['randconv']:g} (random-filter textures blended into training images)"
+    members = (meta.get("ensemble") or {}).get("members") if isinstance(meta.get("ensemble"), dict) else None
+    if isinstance(members, list) and members:
+        recipe["ensemble"] = (f"{len(members)} networks trained alike (seeds "
+                              f"{', '.join(str(m.get('seed')) for m in members)}; best epochs "
+                              f"{', '.join(str(m.get('epoch')) for m in members)}), their outputs averaged; "
+                              "calibrated and explained as one")
     return recipe
 
 

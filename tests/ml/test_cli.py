@@ -110,3 +110,31 @@ def test_train_resize_letterbox_reaches_the_checkpoint_and_evaluate_follows_it(t
     assert bad.exit_code == 2 and "--mixstyle" in bad.output
     bad = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--randconv", "1.5"])
     assert bad.exit_code == 2 and "--randconv" in bad.output
+
+
+def test_ensemble_combines_members_trained_with_one_split_seed(trained, tmp_path):
+    data, first, _ = trained
+    second = tmp_path / "second.pt"
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(second), "--epochs", "1",
+                                      "--img-size", "32", "--batch-size", "8", "--no-group-duplicates", "--quiet",
+                                      "--seed", "3", "--split-seed", "0"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "ensemble.pt"
+    result = CliRunner().invoke(cli, ["ensemble", "--data", str(data), "--out", str(out), str(first), str(second)])
+    assert result.exit_code == 0, result.output
+    assert "member model.pt (seed 0" in result.output and "member second.pt (seed 3" in result.output
+    assert "ensemble of 2: val roc_auc" in result.output and out.exists()
+    images = sorted(str(p) for p in data.rglob("*.png"))[:2]
+    predicted = CliRunner().invoke(cli, ["predict", "--model", str(out), *images])
+    assert predicted.exit_code == 0 and len(predicted.output.strip().splitlines()) == 2
+
+
+def test_ensemble_of_members_with_their_own_splits_is_refused_in_one_line(trained, tmp_path):
+    data, first, _ = trained
+    other = tmp_path / "other.pt"
+    CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(other), "--epochs", "1", "--img-size", "32",
+                             "--batch-size", "8", "--no-group-duplicates", "--quiet", "--seed", "3"])
+    result = CliRunner().invoke(cli, ["ensemble", "--data", str(data), "--out", str(tmp_path / "e.pt"),
+                                      str(first), str(other)])
+    assert result.exit_code == 1 and "same --split-seed" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "e.pt").exists()

@@ -262,3 +262,39 @@ def test_a_three_class_model_shows_verdict_words_and_the_most_likely_class(app, 
     assert re.search(r"Most likely:\s*<strong>" + re.escape(words[prediction.predicted_class]) + "</strong>", page)
     assert ("Suspicious for malignancy" if prediction.label == "cancer" else "Not suspicious") in page
     assert "(calibrated on validation data)" in " ".join(page.split())  # indentation-free
+
+
+def test_an_ensemble_checkpoint_is_predicted_and_explained_by_the_worker(app, client, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ml.checkpoint import save_checkpoint
+    from ml.data import IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES
+    from ml.ensemble import EnsembleNet
+    from ml.inference import Predictor
+    from ml.model import build_model
+
+    torch.manual_seed(7)
+    meta = {"architecture": "resnet18", "num_outputs": 3, "class_names": ["benign", "malignant", "normal"],
+            "positive_classes": ["malignant"], "labels": list(LABEL_NAMES), "input_size": 64,
+            "layer4_stride": 1, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "threshold": 0.4,
+            "threshold_default": 0.5, "calibration": {"method": "platt", "a": 0.8, "b": 0.1},
+            "ensemble": {"members": [{"seed": 0, "epoch": 3}, {"seed": 1, "epoch": 4}]}}
+    model = EnsembleNet([build_model("none", 3, (1,), 1) for _ in range(2)])
+    path = save_checkpoint(tmp_path / "ensemble.pt", model, meta, half=True)
+    register_model(app, path, name="pair")
+    add_user(app, "doc@example.org")
+    login(client, "doc@example.org")
+    data = image_bytes(size=(96, 72), seed=4)
+    with running_worker(app):
+        case_url = _upload(client, ("scan.png", data)).headers["Location"]
+        status = wait_for_case(client, 1)
+    assert status["status"] == "done", status
+    (prediction,) = _predictions(app, 1)
+    expected = Predictor.from_checkpoint(path, "cpu").predict([io.BytesIO(data)])[0]
+    assert prediction.probability == pytest.approx(expected.probability, abs=1e-5)
+    assert prediction.predicted_class == expected.predicted_class
+    heatmap = client.get(f"{case_url}/heatmap")
+    assert heatmap.status_code == 200
+    assert np.asarray(Image.open(io.BytesIO(heatmap.data))).std() > 0   # a map, not a blank
