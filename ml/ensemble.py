@@ -23,7 +23,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 

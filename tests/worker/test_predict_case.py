@@ -23,6 +23,25 @@ def _predictions(app, case_id):
         return db.session.scalars(select(Prediction).where(Prediction.case_id == case_id)).all()
 
 
+def _predicted_as_predict_says(app, client, checkpoint, data: bytes):
+    """Register ``checkpoint``, upload ``data`` through a real worker, and check that the stored
+    prediction is what ``Predictor.predict`` says (calibrated probability, most likely class)."""
+    from ml.inference import Predictor
+
+    register_model(app, checkpoint, name=checkpoint.stem)
+    add_user(app, "doc@example.org")
+    login(client, "doc@example.org")
+    with running_worker(app):
+        case_url = _upload(client, ("scan.png", data)).headers["Location"]
+        status = wait_for_case(client, 1)
+    assert status["status"] == "done", status
+    (prediction,) = _predictions(app, 1)
+    expected = Predictor.from_checkpoint(checkpoint, "cpu").predict([io.BytesIO(data)])[0]
+    assert prediction.probability == pytest.approx(expected.probability, abs=1e-5)  # calibrated, as predict says
+    assert prediction.predicted_class == expected.predicted_class
+    return prediction, case_url
+
+
 def test_upload_is_predicted_and_the_case_page_shows_the_result(app, client, tiny_checkpoint):
     register_model(app, tiny_checkpoint, name="tiny-1")
     add_user(app, "doc@example.org")
@@ -235,7 +254,6 @@ def test_a_three_class_model_shows_verdict_words_and_the_most_likely_class(app, 
 
     from ml.checkpoint import save_checkpoint
     from ml.data import IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES
-    from ml.inference import Predictor
     from ml.model import build_model
 
     torch.manual_seed(5)
@@ -244,18 +262,7 @@ def test_a_three_class_model_shows_verdict_words_and_the_most_likely_class(app, 
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "threshold": 0.5, "threshold_default": 0.5,
             "calibration": {"method": "platt", "a": 0.5, "b": -0.2}}
     path = save_checkpoint(tmp_path / "three.pt", build_model("none", 3, (1,)), meta)
-    register_model(app, path, name="three")
-    add_user(app, "doc@example.org")
-    login(client, "doc@example.org")
-    data = image_bytes(size=(80, 60), seed=3)
-    with running_worker(app):
-        case_url = _upload(client, ("scan.png", data)).headers["Location"]
-        status = wait_for_case(client, 1)
-    assert status["status"] == "done", status
-    (prediction,) = _predictions(app, 1)
-    expected = Predictor.from_checkpoint(path, "cpu").predict([io.BytesIO(data)])[0]
-    assert prediction.probability == pytest.approx(expected.probability, abs=1e-5)  # calibrated, as predict says
-    assert prediction.predicted_class == expected.predicted_class
+    prediction, case_url = _predicted_as_predict_says(app, client, path, image_bytes(size=(80, 60), seed=3))
     assert set(prediction.class_probabilities) == {"benign", "malignant", "normal"}
     page = client.get(case_url).data.decode()
     words = {"benign": "benign-appearing", "malignant": "malignant-appearing", "normal": "no lesion"}
@@ -272,7 +279,6 @@ def test_an_ensemble_checkpoint_is_predicted_and_explained_by_the_worker(app, cl
     from ml.checkpoint import save_checkpoint
     from ml.data import IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES
     from ml.ensemble import EnsembleNet
-    from ml.inference import Predictor
     from ml.model import build_model
 
     torch.manual_seed(7)
@@ -283,18 +289,7 @@ def test_an_ensemble_checkpoint_is_predicted_and_explained_by_the_worker(app, cl
             "ensemble": {"members": [{"seed": 0, "epoch": 3}, {"seed": 1, "epoch": 4}]}}
     model = EnsembleNet([build_model("none", 3, (1,), 1) for _ in range(2)])
     path = save_checkpoint(tmp_path / "ensemble.pt", model, meta, half=True)
-    register_model(app, path, name="pair")
-    add_user(app, "doc@example.org")
-    login(client, "doc@example.org")
-    data = image_bytes(size=(96, 72), seed=4)
-    with running_worker(app):
-        case_url = _upload(client, ("scan.png", data)).headers["Location"]
-        status = wait_for_case(client, 1)
-    assert status["status"] == "done", status
-    (prediction,) = _predictions(app, 1)
-    expected = Predictor.from_checkpoint(path, "cpu").predict([io.BytesIO(data)])[0]
-    assert prediction.probability == pytest.approx(expected.probability, abs=1e-5)
-    assert prediction.predicted_class == expected.predicted_class
+    _, case_url = _predicted_as_predict_says(app, client, path, image_bytes(size=(96, 72), seed=4))
     heatmap = client.get(f"{case_url}/heatmap")
     assert heatmap.status_code == 200
     assert np.asarray(Image.open(io.BytesIO(heatmap.data))).std() > 0   # a map, not a blank
