@@ -11,10 +11,12 @@ threshold, and ECE (15 bins). For each model after the first, the paired differe
 ROC-AUC against the first, with its patient-bootstrap interval (the same resampled patients
 for both models, so the shared difficulty of the images cancels out).
 
-``--ensemble`` adds the mean of the models' calibrated log-odds (what an ensemble of the
-checkpoints would score), against the first model and against the mean single model.
-``--mirror`` adds each model with mirror test-time augmentation (the mean log-odds of the
-image and its left-right mirror). Neither is in the product; both are measured here first.
+``--ensemble`` adds the mean of the models' calibrated log-odds (a quick estimate of what an
+ensemble of the checkpoints would score), against the first model and against the mean single
+model. The product's ensemble (``manage.py ensemble``, ml/ensemble.py) averages the raw outputs
+and fits one calibration on the members' shared validation part: compare its checkpoint like
+any other. ``--mirror`` adds each model with mirror test-time augmentation (the mean log-odds
+of the image and its left-right mirror), which is not in the product.
 """
 from __future__ import annotations
 
