@@ -185,9 +185,12 @@ def show(report: dict) -> None:
                               ("letterboxed input", report.get("resize") == "letterbox-bilinear"),
                               (f"aspect augmentation {report.get('aspect_augment')}",
                                (report.get("aspect_augment") or 1.0) > 1.0)) if on]
-    print(f"trained on {' + '.join(report['train_sites'])}{' with ' + ', '.join(extras) if extras else ''}: "
-          f"{report['epochs_run']} epoch(s) in {report['minutes']} min (schedule: {report.get('schedule', '?')}), "
-          f"best epoch {report['best_epoch']}")
+    recipe = f"{' + '.join(report['train_sites'])}{' with ' + ', '.join(extras) if extras else ''}"
+    if report.get("members"):
+        print(f"{report['schedule']}, trained on {recipe}; best epochs {report['best_epoch']}")
+    else:
+        print(f"trained on {recipe}: {report['epochs_run']} epoch(s) in {report['minutes']} min "
+              f"(schedule: {report.get('schedule', '?')}), best epoch {report['best_epoch']}")
     print(f"{'site':42} {'n':>4} {'mal':>4} {'ROC-AUC (95% CI, by patient)':>30} {'sens':>6} {'spec':>6} {'ECE':>6} {'class acc':>9}")
     for name, m in report["sites"].items():
         ci = f"{m['roc_auc']:.3f} ({m['ci'][0]:.3f}-{m['ci'][1]:.3f})"
