@@ -51,6 +51,36 @@ def test_retrain_finishes_for_either_locked_test_layout(app, tmp_path, malignant
         assert v2.meta["compared_with"]["locked_test"]["n_positive"] == 4  # the active model scored it too
 
 
+def test_retrain_from_an_active_ensemble_trains_one_network_and_compares_it_with_the_ensemble(
+        app, tmp_path, run_cli):
+    import torch
+
+    from ml.checkpoint import load_checkpoint, save_checkpoint
+    from ml.data import IMAGENET_MEAN, IMAGENET_STD
+    from ml.ensemble import EnsembleNet
+    from ml.model import build_model
+    from webapp.extensions import db
+    from webapp.models import ModelVersion
+
+    torch.manual_seed(1)
+    meta = {"architecture": "resnet18", "class_names": list(BUSI), "positive_classes": ["malignant"],
+            "labels": ["normal", "cancer"], "input_size": 32, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "threshold": 0.5, "threshold_default": 0.5,
+            "ensemble": {"members": [{"seed": 0, "epoch": 1}, {"seed": 1, "epoch": 1}]}}
+    pair = save_checkpoint(tmp_path / "pair.pt", EnsembleNet([build_model("none"), build_model("none")]), meta)
+    register_model(app, pair, name="pair")
+    base = make_folder(tmp_path / "busi", n_per_class=6, classes=BUSI, seed=1)
+    locked = make_folder(tmp_path / "LOCKED", n_per_class=4, classes=BUSI, seed=2)
+    result = run_cli("retrain", "--base-data", base, "--locked-test", locked, "--epochs", 1, "--promote", "never")
+    assert result.exit_code == 0, result.output
+    assert "registered v2 (parent pair" in result.output
+    with app.app_context():
+        v2 = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v2"))
+        store = app.extensions["file_store"]
+        assert "ensemble" not in load_checkpoint(store.path(v2.file_key))["meta"]   # one network
+        assert v2.meta["compared_with"]["locked_test"]["n"] == 12   # the ensemble scored the same set
+
+
 def test_a_locked_test_set_without_a_malignant_folder_is_refused_before_training(app, tmp_path,
                                                                                  malignant_checkpoint, run_cli):
     from webapp.extensions import db
