@@ -31,17 +31,23 @@ def malignant_checkpoint(tmp_path):
     return save_checkpoint(tmp_path / "demo-like.pt", build_model("none"), meta)
 
 
+def _retrain_registered_only(tmp_path, run_cli, locked_layout):
+    """The issue's exact command: `retrain --base-data BUSI-LIKE --locked-test LOCKED --epochs 1
+    --promote never`, the locked test set in ``locked_layout`` folders; it must succeed."""
+    base = make_folder(tmp_path / "busi", n_per_class=6, classes=BUSI, seed=1)
+    locked = make_folder(tmp_path / "LOCKED", n_per_class=4, classes=locked_layout, seed=2)
+    result = run_cli("retrain", "--base-data", base, "--locked-test", locked, "--epochs", 1, "--promote", "never")
+    assert result.exit_code == 0, result.output
+    return result
+
+
 @pytest.mark.parametrize("locked_layout", [BUSI, ("cancer", "normal")], ids=["benign-malignant-normal", "cancer-normal"])
 def test_retrain_finishes_for_either_locked_test_layout(app, tmp_path, malignant_checkpoint, run_cli, locked_layout):
     from webapp.extensions import db
     from webapp.models import ModelVersion
 
     register_model(app, malignant_checkpoint, name="demo")
-    base = make_folder(tmp_path / "busi", n_per_class=6, classes=BUSI, seed=1)
-    locked = make_folder(tmp_path / "LOCKED", n_per_class=4, classes=locked_layout, seed=2)
-    # the issue's exact command
-    result = run_cli("retrain", "--base-data", base, "--locked-test", locked, "--epochs", 1, "--promote", "never")
-    assert result.exit_code == 0, result.output
+    result = _retrain_registered_only(tmp_path, run_cli, locked_layout)
     assert "registered v2 (parent demo" in result.output
     assert "decision: NOT PROMOTED (--promote never: registered only" in result.output
     n = 4 * len(locked_layout)
@@ -69,11 +75,7 @@ def test_retrain_from_an_active_ensemble_trains_one_network_and_compares_it_with
             "ensemble": {"members": [{"seed": 0, "epoch": 1}, {"seed": 1, "epoch": 1}]}}
     pair = save_checkpoint(tmp_path / "pair.pt", EnsembleNet([build_model("none"), build_model("none")]), meta)
     register_model(app, pair, name="pair")
-    base = make_folder(tmp_path / "busi", n_per_class=6, classes=BUSI, seed=1)
-    locked = make_folder(tmp_path / "LOCKED", n_per_class=4, classes=BUSI, seed=2)
-    result = run_cli("retrain", "--base-data", base, "--locked-test", locked, "--epochs", 1, "--promote", "never")
-    assert result.exit_code == 0, result.output
-    assert "registered v2 (parent pair" in result.output
+    assert "registered v2 (parent pair" in _retrain_registered_only(tmp_path, run_cli, BUSI).output
     with app.app_context():
         v2 = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v2"))
         store = app.extensions["file_store"]
