@@ -11,8 +11,9 @@ being the folder's), two adaptations run through the product's own code:
   recalibrate  ml.adapt.recalibrate: new calibration and site threshold, same weights
                (what `manage.py recalibrate` does);
   retrain      ml.export.write_feedback_folder -> merge_training_data with the two base
-               sites (the test part as the locked set) -> ml.train.fit from the base
-               weights for --finetune-minutes -> the same recalibration on the reviewed
+               sites (the test part as the locked set) -> ml.ensemble.fine_tune from the
+               base weights for --finetune-minutes (per network: an ensemble base has each
+               member fine-tuned and recombined) -> the same recalibration on the reviewed
                cases (what `manage.py retrain` then `recalibrate` do).
 Each prints the test part's ROC-AUC (malignant vs rest), and sensitivity/specificity at the
 site threshold. The site threshold is set on the reviewed cases for --target-sensitivity.
@@ -34,7 +35,8 @@ from ml.evaluate import predict_folder  # noqa: E402
 from ml.export import FeedbackImage, merge_training_data, write_feedback_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import summarise  # noqa: E402
-from ml.train import TrainConfig, fit  # noqa: E402
+from ml.ensemble import fine_tune  # noqa: E402
+from ml.train import TrainConfig  # noqa: E402
 
 from benchmarks.train_sites import link_folder, patient_of, site_files  # noqa: E402
 
@@ -111,7 +113,7 @@ def main() -> None:
                                 feedback_copies=args.feedback_copies)
             tuned = work / f"tuned-{n}.pt"
             size = Predictor.from_checkpoint(args.base, "cpu").input_size
-            fit(TrainConfig(data=str(work / f"train-{n}"), out=str(tuned), epochs=10_000, weights=str(args.base),
+            fine_tune(TrainConfig(data=str(work / f"train-{n}"), out=str(tuned), epochs=10_000, weights=str(args.base),
                             img_size=size, lr=3e-4, time_limit_min=args.finetune_minutes, patience=10_000,
                             ema=0.99, seed=args.seed, progress=False))
             recalibrate(tuned, images, labels, work / f"tuned-recal-{n}.pt", args.target_sensitivity, args.site)

@@ -235,3 +235,57 @@ def member_state(state: dict[str, torch.Tensor], member: int = 0) -> dict[str, t
 def is_ensemble_state(state: dict[str, Any]) -> bool:
     return any(k.startswith("members.") for k in state)
 
+
+
+def split_members(path: str | Path, folder: str | Path) -> list[Path]:
+    """Write each network of the ensemble checkpoint ``path`` to ``folder`` as a checkpoint of
+    its own (the ensemble's metadata, less ``ensemble``, with the member's seed and epoch)."""
+    from ml.checkpoint import positive_outputs
+    from ml.model import build_model
+
+    payload = load_checkpoint(path)
+    meta = payload["meta"]
+    rows = (meta.get("ensemble") or {}).get("members") or []
+    if len(rows) < 2:
+        raise MLError(f"{path} is not an ensemble checkpoint")
+    num_outputs = int(meta.get("num_outputs") or 1)
+    positive = positive_outputs(meta) if num_outputs > 1 else None
+    folder = Path(folder)
+    written = []
+    for k, row in enumerate(rows):
+        network = build_model("none", num_outputs, positive, int(meta.get("layer4_stride") or 2))
+        network.load_state_dict({key: v.float() for key, v in member_state(payload["state_dict"], k).items()})
+        member_meta = {key: v for key, v in meta.items() if key not in ("ensemble", "created_at", "stored_dtype")}
+        member_meta.update(seed=row.get("seed"), epoch=row.get("epoch"))
+        written.append(save_checkpoint(folder / f"member{k}.pt", network, member_meta))
+    return written
+
+
+def fine_tune(cfg: Any) -> dict[str, Any]:
+    """``ml.train.fit(cfg)``, except that when ``cfg.weights`` is an ensemble checkpoint every
+    member is fine-tuned (seed ``cfg.seed + k``, one shared split) and the results are combined
+    into an ensemble at ``cfg.out``, calibrated on that split. Each member gets the whole
+    ``cfg`` budget (epochs or minutes). Returns fit's summary, or for an ensemble
+    ``{"members": [fit summaries], "checkpoint": .., "val_metrics": ..}``."""
+    from dataclasses import replace
+
+    from ml.train import fit
+
+    weights = Path(str(cfg.weights))
+    if cfg.weights in ("none", "imagenet") or not weights.is_file() or \
+            not (load_checkpoint(weights)["meta"].get("ensemble") or {}).get("members"):
+        return fit(cfg)
+    out = Path(cfg.out)
+    folder = out.with_name(out.stem + ".members")
+    starts = split_members(weights, folder / "start")
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    results, outs = [], []
+    for k, start in enumerate(starts):
+        member_out = folder / f"tuned{k}.pt"
+        log.info("fine-tuning member %d of %d", k + 1, len(starts))
+        results.append(fit(replace(cfg, weights=str(start), out=str(member_out), seed=cfg.seed + k,
+                                   split_seed=split_seed)))
+        outs.append(member_out)
+    combined = combine(outs, cfg.data, out, target_sensitivity=cfg.target_sensitivity, device=cfg.device)
+    return {"members": results, "checkpoint": str(out), "val_metrics": combined["meta"]["val_metrics"],
+            "val_paths": combined["val_paths"]}

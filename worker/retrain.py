@@ -140,7 +140,8 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
     from ml.export import MERGED_GROUP_PATTERN, merge_training_data
     from ml.checkpoint import load_checkpoint
     from ml.data import compile_group_pattern
-    from ml.train import TrainConfig, fit
+    from ml.ensemble import fine_tune
+    from ml.train import TrainConfig
 
     if init not in INIT_MODES:
         raise RetrainError(f"--init must be one of {', '.join(INIT_MODES)}")
@@ -169,7 +170,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
                       weights=str(active_path) if init == "active" else init, img_size=size,
                       batch_size=batch_size, seed=seed, target_sensitivity=target, progress=False,
                       group_pattern=MERGED_GROUP_PATTERN if merge.n_grouped else None)
-    fit(cfg)
+    fine_tune(cfg)   # fit(cfg); from an active ensemble, every member is fine-tuned and recombined
 
     candidate_eval = evaluate_folder(checkpoint, locked_test, n_boot=n_boot)
     candidate_metrics = _clean(candidate_eval)

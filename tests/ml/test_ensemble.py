@@ -188,3 +188,23 @@ def test_site_recalibration_keeps_an_ensemble_whole(trained, tmp_path):
     before, after = Predictor.from_checkpoint(out), Predictor.from_checkpoint(tmp_path / "site.pt")
     batch = before.to_batch(images[:4])
     assert torch.allclose(before.outputs(batch), after.outputs(batch), atol=1e-3)  # same weights
+
+
+def test_fine_tuning_an_ensemble_tunes_every_member_and_combines_them(trained, tmp_path):
+    from ml.ensemble import fine_tune
+
+    data, (a, b), _, _ = trained
+    start = tmp_path / "e.pt"
+    combine([a, b], data, start)
+    out = tmp_path / "tuned.pt"
+    result = fine_tune(cfg(data, out, epochs=1, weights=str(start), lr=3e-4))
+    assert len(result["members"]) == 2 and result["checkpoint"] == str(out)
+    meta = load_checkpoint(out)["meta"]
+    assert [m["seed"] for m in meta["ensemble"]["members"]] == [0, 1]
+    tuned, before = load_model(out)[0], load_model(start)[0]
+    for k in range(2):
+        assert not torch.allclose(tuned.members[k].fc.weight, before.members[k].fc.weight)  # both trained
+    assert not torch.allclose(tuned.members[0].fc.weight, tuned.members[1].fc.weight)      # still two
+    # a single network's fine-tune is plain fit()
+    single = fine_tune(cfg(data, tmp_path / "one.pt", epochs=1, weights=str(a)))
+    assert "members" not in single and "ensemble" not in load_checkpoint(tmp_path / "one.pt")["meta"]

@@ -57,7 +57,7 @@ def test_retrain_finishes_for_either_locked_test_layout(app, tmp_path, malignant
         assert v2.meta["compared_with"]["locked_test"]["n_positive"] == 4  # the active model scored it too
 
 
-def test_retrain_from_an_active_ensemble_trains_one_network_and_compares_it_with_the_ensemble(
+def test_retrain_from_an_active_ensemble_tunes_every_member_and_compares_with_the_ensemble(
         app, tmp_path, run_cli):
     import torch
 
@@ -79,7 +79,8 @@ def test_retrain_from_an_active_ensemble_trains_one_network_and_compares_it_with
     with app.app_context():
         v2 = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v2"))
         store = app.extensions["file_store"]
-        assert "ensemble" not in load_checkpoint(store.path(v2.file_key))["meta"]   # one network
+        members = load_checkpoint(store.path(v2.file_key))["meta"]["ensemble"]["members"]
+        assert [m["seed"] for m in members] == [0, 1]   # both networks fine-tuned, recombined
         assert v2.meta["compared_with"]["locked_test"]["n"] == 12   # the ensemble scored the same set
 
 
