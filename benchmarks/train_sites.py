@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml import MLError  # noqa: E402
-from ml.checkpoint import load_checkpoint  # noqa: E402
 from ml.data import RESIZE_NAMES  # noqa: E402
 from ml.ensemble import combine  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
@@ -115,8 +114,8 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     # --epochs N: a schedule that does not depend on the machine's speed (the learning rate
     # follows the step count); else the clock: as many epochs as --minutes allow
     if args.combine:  # no training: the members' ensemble, judged as a run is
-        return judged(combine(args.combine, merged, out), ensemble_report(args.combine), train_sites, test_sites,
-                      work, out)
+        combined = combine(args.combine, merged, out)
+        return judged(combined, ensemble_report(combined["meta"]), train_sites, test_sites, work, out)
     cfg = TrainConfig(data=str(merged), out=str(out), epochs=args.epochs or 10_000, img_size=args.img_size,
                       batch_size=32, seed=args.seed, split_seed=args.split_seed, time_limit_min=None if args.epochs else args.minutes,
                       patience=10_000,
@@ -143,19 +142,20 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     return judged(result, report, train_sites, test_sites, work, out)
 
 
-def ensemble_report(members: list[str]) -> dict:
-    """What a --combine run reports in place of training: its members."""
-    metas = [load_checkpoint(m)["meta"] for m in members]
-    args = metas[0].get("args") or {}
+def ensemble_report(meta: dict) -> dict:
+    """What a --combine run reports in place of training: its members (from the metadata
+    ``ml.ensemble.combine`` wrote)."""
+    args = meta.get("args") or {}
+    members = meta["ensemble"]["members"]
     return {"train_sites": None, "scanner_augment": bool(args.get("scanner_augment")),
             "masks": bool(args.get("masks")), "mask_weight": args.get("mask_weight", 0.0),
             "mixstyle": args.get("mixstyle", 0.0), "randconv": args.get("randconv", 0.0),
-            "layer4_stride": metas[0].get("layer4_stride"), "aspect_augment": args.get("aspect_augment", 1.0),
-            "resize": metas[0].get("resize"), "minutes": 0.0,
+            "layer4_stride": meta.get("layer4_stride"), "aspect_augment": args.get("aspect_augment", 1.0),
+            "resize": meta.get("resize"), "minutes": 0.0,
             "schedule": f"ensemble of {len(members)}: " + ", ".join(
-                f"seed {m.get('seed')} ({(m.get('args') or {}).get('epochs')} epochs)" for m in metas),
-            "best_epoch": "/".join(str(m.get("epoch")) for m in metas), "epochs_run": 0,
-            "members": [str(m) for m in members]}
+                f"seed {m.get('seed')} ({args.get('epochs')} epochs)" for m in members),
+            "best_epoch": "/".join(str(m.get("epoch")) for m in members), "epochs_run": 0,
+            "members": [f"{m['file']} (sha256 {m['sha256'][:12]})" for m in members]}
 
 
 def judged(result: dict, report: dict, train_sites: list[str], test_sites: list[str], work: Path, out: Path) -> dict:

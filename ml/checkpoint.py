@@ -135,10 +135,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     The model is in eval mode, float32, on ``device``; an ensemble checkpoint gives an
     :class:`ml.ensemble.EnsembleNet` (its members' outputs averaged).
     """
+    payload = load_checkpoint(path)
+    return model_from_payload(payload, path, device), payload["meta"]
+
+
+def model_from_payload(payload: dict[str, Any], path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The network of a payload :func:`load_checkpoint` returned (for callers that also need
+    the rest of it: one read of the file); ``path`` names it in errors."""
     from ml.ensemble import build_ensemble
     from ml.model import build_model
 
-    payload = load_checkpoint(path)
     meta = payload["meta"]
     num_outputs = int(meta.get("num_outputs") or 1)
     positive = positive_outputs(meta) if num_outputs > 1 else None
@@ -154,4 +160,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match ResNet18 ({str(exc).splitlines()[0]})") from exc
     model.to(device).eval()
-    return model, payload["meta"]
+    return model

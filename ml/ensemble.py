@@ -17,7 +17,6 @@ its ``fc`` averages the members' heads. So:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import fields
 from pathlib import Path
@@ -28,7 +27,8 @@ from torch import nn
 
 from ml import MLError
 from ml.calibration import calibrated, fit_platt
-from ml.checkpoint import load_checkpoint, load_model, save_checkpoint
+from ml.checkpoint import load_checkpoint, model_from_payload, save_checkpoint
+from ml.hashing import file_sha256
 from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,6 @@ def build_ensemble(n_members: int, num_outputs: int, positive: tuple[int, ...] |
     return EnsembleNet([build_model("none", num_outputs, positive, stride) for _ in range(n_members)])
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _union_seen(metas: Sequence[dict[str, Any]]) -> dict[str, list[str]] | None:
     """Every image any member trained or validated on, once (the leakage guard's record)."""
     seen: dict[str, str] = {}
@@ -173,8 +165,8 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     ``val_metrics`` holds the ensemble's validation figures and ``ensemble.members`` each
     member's file hash, seed, epoch and validation ROC-AUC) and the validation images.
     """
-    from ml.model import select_device
-    from ml.train import TrainConfig, evaluate_logits, load_training_data, split_hash, validation_indices
+    from ml.model import model_malignancy_logit, select_device
+    from ml.train import TrainConfig, load_training_data, model_outputs, split_hash, validation_indices
 
     paths = [Path(p) for p in paths]
     payloads = [load_checkpoint(p) for p in paths]
@@ -187,17 +179,18 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     prepared = load_training_data(cfg)
     val_idx = validation_indices(cfg, prepared)
     seen = set((first.get("seen_images") or {}).get("sha256") or ())
-    same_images = not seen or all(_file_sha256(prepared.cache.paths[i]) in seen for i in val_idx)
+    same_images = not seen or all(file_sha256(prepared.cache.paths[i]) in seen for i in val_idx)
     if split_hash(val_idx) != first["split"]["val_sha"] or not same_images or \
             prepared.fingerprint.get("sha256") != (first.get("data_fingerprint") or {}).get("sha256"):
         raise MLError(f"{data} is not the folder the members were trained on (its validation part differs): "
                       "give that folder, with the same images")
     dev = select_device(device)
-    members = [load_model(p, dev)[0] for p in paths]
+    members = [model_from_payload(payload, path, dev) for payload, path in zip(payloads, paths)]
     model = EnsembleNet(members).to(dev).eval()
     y = prepared.y[val_idx]
-    logits, _ = evaluate_logits(model, prepared.cache.images[val_idx], None, 64, dev,
-                                first["mean"], first["std"])
+    # each member's raw outputs once: the ensemble's are their mean (what EnsembleNet computes)
+    outputs = [model_outputs(m, prepared.cache.images[val_idx], 64, dev, first["mean"], first["std"]) for m in members]
+    logits = model_malignancy_logit(model, torch.stack(outputs).mean(dim=0)).double().numpy()
     target = float(target_sensitivity if target_sensitivity is not None else first.get("target_sensitivity", 0.90))
     calibration = fit_platt(logits, y)
     probs = calibrated(logits, calibration)
@@ -205,9 +198,9 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     at_op = summarise(y, probs, threshold)
     at_op["ece"] = expected_calibration_error(y, probs)
     member_rows = []
-    for path, meta, member in zip(paths, metas, members):
-        z, _ = evaluate_logits(member, prepared.cache.images[val_idx], None, 64, dev, first["mean"], first["std"])
-        member_rows.append({"file": path.name, "sha256": _file_sha256(path), "seed": meta.get("seed"),
+    for path, meta, member, output in zip(paths, metas, members, outputs):
+        z = model_malignancy_logit(member, output).double().numpy()
+        member_rows.append({"file": path.name, "sha256": file_sha256(path), "seed": meta.get("seed"),
                             "epoch": meta.get("epoch"), "val_roc_auc": summarise(y, calibrated(z, None), 0.5)["roc_auc"],
                             "created_at": meta.get("created_at")})
     # the first member's record (data, split, recipe), less what belongs to one network alone
@@ -236,18 +229,17 @@ def is_ensemble_state(state: dict[str, Any]) -> bool:
     return any(k.startswith("members.") for k in state)
 
 
-
-def split_members(path: str | Path, folder: str | Path) -> list[Path]:
-    """Write each network of the ensemble checkpoint ``path`` to ``folder`` as a checkpoint of
-    its own (the ensemble's metadata, less ``ensemble``, with the member's seed and epoch)."""
+def split_members(payload: dict[str, Any], folder: str | Path) -> list[Path]:
+    """Write each network of an ensemble checkpoint's ``payload`` (:func:`load_checkpoint`) to
+    ``folder`` as a checkpoint of its own (the ensemble's metadata, less ``ensemble``, with the
+    member's seed and epoch)."""
     from ml.checkpoint import positive_outputs
     from ml.model import build_model
 
-    payload = load_checkpoint(path)
     meta = payload["meta"]
     rows = (meta.get("ensemble") or {}).get("members") or []
     if len(rows) < 2:
-        raise MLError(f"{path} is not an ensemble checkpoint")
+        raise MLError("not an ensemble checkpoint: it lists no members")
     num_outputs = int(meta.get("num_outputs") or 1)
     positive = positive_outputs(meta) if num_outputs > 1 else None
     folder = Path(folder)
@@ -269,15 +261,14 @@ def fine_tune(cfg: Any) -> dict[str, Any]:
     ``{"members": [fit summaries], "checkpoint": .., "val_metrics": ..}``."""
     from dataclasses import replace
 
-    from ml.train import fit
+    from ml.train import fit, start_meta
 
-    weights = Path(str(cfg.weights))
-    if cfg.weights in ("none", "imagenet") or not weights.is_file() or \
-            not (load_checkpoint(weights)["meta"].get("ensemble") or {}).get("members"):
+    # the starting weights' metadata, read once and cached (fit() asks for it again)
+    if not (start_meta(str(cfg.weights)).get("ensemble") or {}).get("members"):
         return fit(cfg)
     out = Path(cfg.out)
     folder = out.with_name(out.stem + ".members")
-    starts = split_members(weights, folder / "start")
+    starts = split_members(load_checkpoint(cfg.weights), folder / "start")
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     results, outs = [], []
     for k, start in enumerate(starts):

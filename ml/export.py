@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ml import MLError
+from ml.hashing import file_sha256
 
 # The class folders of an export and of merged training data (malignant = the positive class).
 EXPORT_LABELS = ("malignant", "benign", "normal")
@@ -184,10 +185,6 @@ def _group_tag(kind: str, key: str) -> str:
     return hashlib.sha256(f"{kind}\0{key}".encode()).hexdigest()[:12]
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _label_of(folder_name: str, positive: Sequence[str]) -> str:
     """The merged class of a base-data folder: malignant (a positive folder), benign, or normal."""
     name = folder_name.lower()
@@ -210,7 +207,7 @@ def _folder_images(root: Path) -> list[tuple[Path, str]]:
 
 def locked_test_digests(locked_test: str | Path) -> set[str]:
     """sha256 of every image file in the locked test folder."""
-    return {_sha256_file(path) for path, _ in _folder_images(Path(locked_test))}
+    return {file_sha256(path) for path, _ in _folder_images(Path(locked_test))}
 
 
 def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, locked_test: str | Path,
@@ -251,7 +248,7 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
     tags: dict[str, str] = {}                  # content sha256 -> patient tag, where known
     summary = MergeSummary()
     for path, class_name in _folder_images(Path(base_data)):
-        digest = _sha256_file(path)
+        digest = file_sha256(path)
         if digest in locked:
             summary.left_out_locked_test += 1
         elif digest in chosen:
@@ -268,7 +265,7 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
             path = feedback / row["file"]
             if row["label"] not in EXPORT_LABELS or not path.is_file():
                 raise ExportError(f"{feedback / MANIFEST} lists {row['file']}, which is missing or mislabelled")
-            identities = {row["sha256"], row.get("file_sha256") or _sha256_file(path)}
+            identities = {row["sha256"], row.get("file_sha256") or file_sha256(path)}
             if identities & locked:
                 summary.left_out_locked_test += 1
                 continue

@@ -329,7 +329,7 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
     }
 
 
-def _start_meta(weights: str) -> dict[str, Any]:
+def start_meta(weights: str) -> dict[str, Any]:
     """The metadata of the starting weights when they are one of our checkpoints, else {}.
     A fine-tune asks several times (geometry, resize mode); the file is read once per
     version of it (path, size and modification time)."""
@@ -352,7 +352,7 @@ def _read_start_meta(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
 def weights_layer4_stride(weights: str) -> int:
     """The layer4 stride of the starting weights when they are one of our checkpoints (a
     fine-tune keeps its parent's geometry), else torchvision's 2."""
-    return int(_start_meta(weights).get("layer4_stride") or 2)
+    return int(start_meta(weights).get("layer4_stride") or 2)
 
 
 def resize_mode(cfg: TrainConfig) -> str:
@@ -360,7 +360,7 @@ def resize_mode(cfg: TrainConfig) -> str:
     fine-tune keeps its parent's), else squashed."""
     from ml.data import check_resize
 
-    return check_resize(cfg.resize or _start_meta(cfg.weights).get("resize") or "square-bilinear")
+    return check_resize(cfg.resize or start_meta(cfg.weights).get("resize") or "square-bilinear")
 
 
 # A class folder with fewer images cannot be learnt as a class of its own: the run is binary.
@@ -392,9 +392,10 @@ def _class_weights(classes: torch.Tensor, n_classes: int) -> torch.Tensor:
 def seen_images(cache: CachedImages, indices: np.ndarray) -> dict[str, list[str]]:
     """sha256 and difference hash (hex) of the images at ``indices``: the leakage guard's record."""
     from ml.data import difference_hash
+    from ml.hashing import file_sha256
 
     hashes = difference_hash(cache.images[indices]) if len(indices) else np.zeros((0, 256), dtype=bool)
-    return {"sha256": [hashlib.sha256(cache.paths[i].read_bytes()).hexdigest() for i in indices],
+    return {"sha256": [file_sha256(cache.paths[i]) for i in indices],
             "dhash": [np.packbits(h).tobytes().hex() for h in hashes]}
 
 
