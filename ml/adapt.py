@@ -14,46 +14,87 @@ from ml import MLError
 from ml.calibration import calibrated, fit_platt
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.inference import Predictor
-from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
+from ml.metrics import (expected_calibration_error, positives_needed, sensitivity_confidence, summarise,
+                        threshold_for_sensitivity)
 from ml.model import model_malignancy_logit
 
 # Fewer reviewed cases than this (or fewer malignant ones than MIN_MALIGNANT) cannot set a threshold.
 MIN_CASES = 20
 MIN_MALIGNANT = 5
+# A site threshold is set so that the target sensitivity holds on the site's *next* cases
+# with this probability (ml.metrics.threshold_for_sensitivity); None: on the reviewed ones.
+SITE_THRESHOLD_CONFIDENCE = 0.8
 
 
-def malignancy_logits(predictor: Predictor, images: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
-    """The uncalibrated malignancy logit of each image, preprocessed as the worker does."""
+def malignancy_logits(predictor: Predictor, images: Sequence[str | Path], batch_size: int = 32,
+                      hashed: list | None = None) -> np.ndarray:
+    """The uncalibrated malignancy logit of each image, preprocessed as the worker does.
+    With ``hashed`` (a list), the model-size uint8 images are appended to it as well, for
+    the leakage guard's near-copy hash."""
+    from ml.data import load_image, normalise, resize_to_tensor
+
     out = []
     for start in range(0, len(images), batch_size):
-        output = predictor.outputs(predictor.to_batch(list(images[start:start + batch_size])))
+        uint8 = torch.stack([resize_to_tensor(load_image(im), predictor.input_size, predictor.resize)
+                             for im in images[start:start + batch_size]])
+        if hashed is not None:
+            hashed.append(uint8)
+        output = predictor.outputs(normalise(uint8.to(predictor.device), predictor.meta["mean"], predictor.meta["std"]))
         out.append(model_malignancy_logit(predictor.model, output).double())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+def fit_site_threshold(logits: np.ndarray, malignant: np.ndarray, target_sensitivity: float,
+                       confidence: float | None = SITE_THRESHOLD_CONFIDENCE) -> tuple[dict[str, Any], float]:
+    """(Platt calibration, threshold on its scale) fitted on one site's reviewed cases."""
+    calibration = fit_platt(logits, malignant)
+    threshold = threshold_for_sensitivity(malignant, calibrated(logits, calibration), target_sensitivity, confidence)
+    return calibration, threshold
+
+
 def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant: Sequence[int], out: str | Path,
-                target_sensitivity: float = 0.90, site: str | None = None) -> dict[str, Any]:
+                target_sensitivity: float = 0.90, site: str | None = None,
+                confidence: float | None = SITE_THRESHOLD_CONFIDENCE) -> dict[str, Any]:
     """Write ``out``: ``checkpoint`` with a Platt calibration and a threshold (for
-    ``target_sensitivity``) fitted on ``images`` with their reviewed labels ``malignant``
-    (1 = malignant). Returns the new metadata; its ``site_adaptation`` entry holds the
-    figures on those cases before and after (in-sample: judge the result on held-out data).
+    ``target_sensitivity`` on the site's next cases with probability ``confidence``; None:
+    met on these cases) fitted on ``images`` with their reviewed labels ``malignant``
+    (1 = malignant). Images the checkpoint was trained or validated on (the leakage guard's
+    record: the same file or a near copy) are left out: its scores on them are optimistic,
+    so a threshold set there fails on new cases. Returns the new metadata; its
+    ``site_adaptation`` entry holds the figures on the cases used, before and after
+    (in-sample: judge the result on held-out data).
     """
+    from ml.evaluate import overlap_with_training
+
     y = np.asarray(malignant, dtype=int)
-    if len(y) < MIN_CASES or y.sum() < MIN_MALIGNANT or (1 - y).sum() < MIN_MALIGNANT:
-        raise MLError(f"site adaptation needs at least {MIN_CASES} reviewed cases with {MIN_MALIGNANT} malignant "
-                      f"and {MIN_MALIGNANT} other ones; there are {len(y)} ({int(y.sum())} malignant)")
+    images = list(images)
     predictor = Predictor.from_checkpoint(checkpoint, "cpu")
-    logits = malignancy_logits(predictor, images)
+    hashed: list = []
+    logits = malignancy_logits(predictor, images, hashed=hashed)
+    overlap = overlap_with_training(predictor, [Path(p) for p in images], torch.cat(hashed)) if images else None
+    seen = (overlap[0] | overlap[1]) if overlap is not None else np.zeros(len(y), dtype=bool)
+    y, logits = y[~seen], logits[~seen]
+    left_out = int(seen.sum())
+    if len(y) < MIN_CASES or y.sum() < MIN_MALIGNANT or (1 - y).sum() < MIN_MALIGNANT:
+        note = (f" ({left_out} more were left out: the model was trained or validated on them; recalibrate "
+                f"on cases reviewed since)" if left_out else "")
+        raise MLError(f"site adaptation needs at least {MIN_CASES} reviewed cases with {MIN_MALIGNANT} malignant "
+                      f"and {MIN_MALIGNANT} other ones; there are {len(y)} ({int(y.sum())} malignant){note}")
     before = calibrated(logits, predictor.meta.get("calibration"))
-    calibration = fit_platt(logits, y)
+    calibration, threshold = fit_site_threshold(logits, y, target_sensitivity, confidence)
     after = calibrated(logits, calibration)
-    threshold = threshold_for_sensitivity(y, after, target_sensitivity)
+    missed = int(((after < threshold) & (y == 1)).sum())
     payload = load_checkpoint(checkpoint)
     meta = dict(payload["meta"])
     meta.update({
         "calibration": calibration, "threshold": threshold, "target_sensitivity": target_sensitivity,
         "site_adaptation": {
-            "site": site, "n": int(len(y)), "n_malignant": int(y.sum()),
+            "site": site, "n": int(len(y)), "n_malignant": int(y.sum()), "left_out_seen": left_out,
+            "confidence": confidence,
+            # the chance that this threshold keeps the target sensitivity on the site's next cancers
+            "confidence_reached": sensitivity_confidence(int(y.sum()), missed, target_sensitivity),
+            "malignant_needed": (positives_needed(target_sensitivity, confidence)
+                                 if confidence and target_sensitivity < 1 else None),
             "previous_calibration": payload["meta"].get("calibration"),
             "previous_threshold": payload["meta"]["threshold"],
             "before": dict(summarise(y, before, float(payload["meta"]["threshold"])),

@@ -94,10 +94,43 @@ def threshold_metrics(y: Sequence, scores: Sequence, threshold: float) -> dict[s
             "f1": f1, "confusion": c}
 
 
-def threshold_for_sensitivity(y: Sequence, scores: Sequence, target: float = 0.90) -> float:
+def sensitivity_confidence(n_positive: int, n_missed: int, target: float) -> float:
+    """How likely a threshold that misses ``n_missed`` of ``n_positive`` positives is to have
+    sensitivity >= ``target`` on new positives from the same population (scores continuous).
+
+    The threshold sits at the k-th lowest positive score (k = n_missed + 1), and the share
+    of the population below the k-th of n order statistics is Beta(k, n - k + 1), so
+    P(miss rate <= 1 - target) = P(Binomial(n, 1 - target) >= k). No assumption about the
+    score distribution: the distribution-free tolerance bound behind split conformal
+    prediction."""
+    if n_positive < 1 or not 0 <= n_missed < n_positive:
+        raise ValueError("need 0 <= n_missed < n_positive")
+    q = 1.0 - target
+    return float(sum(math.comb(n_positive, j) * q ** j * (1 - q) ** (n_positive - j)
+                     for j in range(n_missed + 1, n_positive + 1)))
+
+
+def positives_needed(target: float, confidence: float) -> int:
+    """The fewest positives for which a threshold below all of them reaches ``confidence``
+    that sensitivity >= ``target`` (1 - target**n >= confidence)."""
+    if target >= 1.0:
+        raise ValueError("no finite number of positives bounds a sensitivity of 1")
+    return max(1, math.ceil(math.log(1 - confidence) / math.log(target) - 1e-12))
+
+
+def threshold_for_sensitivity(y: Sequence, scores: Sequence, target: float = 0.90,
+                              confidence: float | None = None) -> float:
     """A threshold whose sensitivity on (y, scores) is at least ``target`` with the highest
     specificity that allows; it lies half-way between the lowest positive score that must
-    be included and the next lower score."""
+    be included and the next lower score.
+
+    With ``confidence`` (e.g. 0.8) the threshold is instead the highest one for which
+    sensitivity >= ``target`` on *new* positives holds with that probability
+    (``sensitivity_confidence``): on few positives it keeps a margin that the in-sample
+    rule does not (10 positives at target 0.90: the in-sample rule may miss one, and then
+    meets the target on new cases only 26 % of the time). Where even a threshold below every
+    positive falls short of ``confidence`` (fewer than ``positives_needed``), that one is
+    returned: the most the data can support."""
     y, s = _arrays(y, scores)
     pos = np.sort(s[y == 1])[::-1]
     if len(pos) == 0:
@@ -105,6 +138,13 @@ def threshold_for_sensitivity(y: Sequence, scores: Sequence, target: float = 0.9
     if not 0.0 < target <= 1.0:
         raise ValueError("target sensitivity must be in (0, 1]")
     needed = math.ceil(target * len(pos) - 1e-9)
+    if confidence is not None:
+        if not 0.0 < confidence < 1.0:
+            raise ValueError("confidence must be in (0, 1)")
+        missed = 0
+        while missed + 1 < len(pos) and sensitivity_confidence(len(pos), missed + 1, target) >= confidence:
+            missed += 1
+        needed = len(pos) - missed
     cut = float(pos[needed - 1])
     # Half-way to the next lower score rather than on the positive itself: the same
     # validation figures, but a margin against tiny score shifts (float16 weights, BLAS).

@@ -255,14 +255,17 @@ class RecalibrationOutcome:
 def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote: str = "auto",
                        target_sensitivity: float | None = None, min_reviews: int = 1,
                        consensus_rule: str = "majority", site: str | None = None, n_boot: int = 1000,
-                       name: str | None = None, actor: User | None = None) -> RecalibrationOutcome:
+                       name: str | None = None, actor: User | None = None,
+                       confidence: float | None = None) -> RecalibrationOutcome:
     """Adapt the active model to this site without retraining: refit its calibration and
     threshold on the reviewed cases (their consensus verdict), register the result as a new
     version (parent: the active one) and put it through the same gate as ``retrain`` on
     ``locked_test`` (same weights, so the same ROC-AUC; the gate's test is the sensitivity
-    at the new threshold)."""
+    at the new threshold). ``confidence``: how sure the threshold must be to keep the target
+    sensitivity on the site's next cases (None: ml.adapt.SITE_THRESHOLD_CONFIDENCE; 0: met on
+    the reviewed cases only, the rule before 2026-11-27)."""
     from ml import MLError
-    from ml.adapt import recalibrate
+    from ml.adapt import SITE_THRESHOLD_CONFIDENCE, recalibrate
     from ml.evaluate import evaluate_folder
 
     if promote not in PROMOTE_MODES:
@@ -282,7 +285,8 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
     malignant = [int(item.verdict == "cancer") for item in feedback.items]
     checkpoint = work / "recalibrated.pt"
     try:
-        meta = recalibrate(active_path, images, malignant, checkpoint, target, site)
+        conf = SITE_THRESHOLD_CONFIDENCE if confidence is None else (confidence or None)
+        meta = recalibrate(active_path, images, malignant, checkpoint, target, site, confidence=conf)
     except MLError as exc:
         raise RetrainError(str(exc)) from None
     candidate_metrics = _clean(evaluate_folder(checkpoint, locked_test, n_boot=n_boot))

@@ -101,6 +101,20 @@ def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size,
             click.echo(line)
 
 
+def threshold_rule_lines(adaptation: dict, target: float) -> list[str]:
+    """What the site threshold promises for the site's next cancers, and a warning where the
+    reviewed cancers are too few for the confidence asked."""
+    reached, wanted = adaptation["confidence_reached"], adaptation.get("confidence")
+    missed = adaptation["after"]["confusion"]["fn"]
+    lines = [f"threshold keeps sensitivity >= {target:.2f} on the site's next cancers with probability "
+             f"{reached:.0%}" + (f" (asked: {wanted:.0%})" if wanted else " (in-sample rule)")
+             + f"; {missed} of {adaptation['n_malignant']} reviewed cancers fall below it"]
+    if wanted and reached < wanted:
+        lines.append(f"warning: {adaptation['n_malignant']} reviewed cancers are too few for {wanted:.0%}: the threshold "
+                     f"lies below all of them; about {adaptation['malignant_needed']} are needed")
+    return lines
+
+
 @click.command()
 @click.option("--locked-test", required=True, type=click.Path(exists=True, file_okay=False),
               help="ImageFolder of this site never used for adaptation; the gate compares both versions on it")
@@ -108,10 +122,13 @@ def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size,
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1), help="sensitivity the new threshold is set for (default RETRAIN_TARGET_SENSITIVITY, 0.90)")
 @click.option("--min-reviews", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--consensus", "rule", default="majority", show_default=True, type=click.Choice(["majority", "unanimous"]))
+@click.option("--confidence", type=click.FloatRange(0, 1, max_open=True),
+              help="how sure the threshold must be to keep the target sensitivity on the site's next cases "
+                   "(default 0.8, ml.adapt.SITE_THRESHOLD_CONFIDENCE); 0: met on the reviewed cases only")
 @click.option("--site", help="name of the site, recorded with the version")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="keep the export and the checkpoint here")
 @click.option("--name", help="name of the new version (default v1, v2, ...)")
-def recalibrate(locked_test, promote, target_sensitivity, min_reviews, rule, site, work_dir, name) -> None:
+def recalibrate(locked_test, promote, target_sensitivity, min_reviews, rule, confidence, site, work_dir, name) -> None:
     """Adapt the active model to this site from its reviewed cases: new calibration and threshold, same weights."""
     from ml import MLError
     from worker.retrain import RetrainError, recalibrate_active
@@ -119,7 +136,8 @@ def recalibrate(locked_test, promote, target_sensitivity, min_reviews, rule, sit
     with _app_context(), tempfile.TemporaryDirectory(prefix="recalibrate-") as scratch:
         try:
             o = recalibrate_active(locked_test, work_dir or scratch, promote=promote, target_sensitivity=target_sensitivity,
-                                   min_reviews=min_reviews, consensus_rule=rule, site=site, name=name)
+                                   min_reviews=min_reviews, consensus_rule=rule, site=site, name=name,
+                                   confidence=confidence)
         except (RetrainError, MLError) as exc:
             raise click.ClickException(f"recalibration stopped: {exc}") from None
         a = o.site_adaptation
@@ -127,6 +145,11 @@ def recalibrate(locked_test, promote, target_sensitivity, min_reviews, rule, sit
                    f"{a['previous_threshold']:.3f} -> {o.version.threshold:.3f}; on those cases ECE "
                    f"{a['before']['ece']:.3f} -> {a['after']['ece']:.3f}, sensitivity {a['before']['sensitivity']:.3f} -> "
                    f"{a['after']['sensitivity']:.3f}")
+        if a.get("left_out_seen"):
+            click.echo(f"left out {a['left_out_seen']} reviewed case(s) the model was trained or validated on "
+                       f"(its scores there are optimistic)")
+        for line in threshold_rule_lines(a, o.version.meta["target_sensitivity"]):
+            click.echo(line)
         click.echo(f"registered {o.version.name} (parent {o.previous.name})")
         for key in ("roc_auc", "sensitivity", "specificity", "ece", "threshold"):
             old, new = o.active_metrics.get(key), o.candidate_metrics.get(key)

@@ -181,10 +181,16 @@ def test_site_recalibration_keeps_an_ensemble_whole(trained, tmp_path):
     data, (a, b), _, _ = trained
     out = tmp_path / "e.pt"
     combine([a, b], data, out)
-    images = sorted(Path(data).rglob("*.png"))
+    site = sorted(Path(make_folder(tmp_path / "site", n_per_class=12, seed=9)).rglob("*.png"))
+    trained_on = sorted(Path(data).rglob("*.png"))
+    images = site + trained_on
     labels = [int(p.parent.name == "cancer") for p in images]
     meta = recalibrate(out, images, labels, tmp_path / "site.pt", target_sensitivity=0.9, site="here")
-    assert meta["ensemble"]["members"] and meta["site_adaptation"]["n"] == len(images)
+    # the members' own training and validation images are left out: their scores flatter
+    assert meta["ensemble"]["members"] and meta["site_adaptation"]["n"] == len(site)
+    assert meta["site_adaptation"]["left_out_seen"] == len(trained_on)
+    with pytest.raises(MLError, match=f"{len(trained_on)} more were left out"):
+        recalibrate(out, trained_on, labels[len(site):], tmp_path / "no.pt", target_sensitivity=0.9)
     before, after = Predictor.from_checkpoint(out), Predictor.from_checkpoint(tmp_path / "site.pt")
     batch = before.to_batch(images[:4])
     assert torch.allclose(before.outputs(batch), after.outputs(batch), atol=1e-3)  # same weights

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from ml.metrics import (average_precision, bootstrap_ci, roc_auc, roc_curve, summarise,
-                        threshold_for_sensitivity, threshold_metrics)
+from ml.metrics import (average_precision, bootstrap_ci, positives_needed, roc_auc, roc_curve,
+                        sensitivity_confidence, summarise, threshold_for_sensitivity, threshold_metrics)
 
 
 def test_roc_auc_known_values():
@@ -52,6 +52,52 @@ def test_threshold_meets_target_sensitivity_and_is_the_highest_that_does(target)
     assert threshold_metrics(y, s, above)["sensitivity"] < target  # any higher threshold fails
     below = s[s < t]
     assert len(below) == 0 or t == (cut + below.max()) / 2          # margin on both sides
+
+
+def test_sensitivity_confidence_is_the_binomial_tail_of_the_order_statistic():
+    # threshold below the 2nd lowest of 10 cancers (one missed): P(miss rate <= 0.1) = 1 - P(Bin(10, .1) <= 1)
+    assert sensitivity_confidence(10, 1, 0.9) == pytest.approx(1 - 0.9 ** 10 - 10 * 0.1 * 0.9 ** 9)
+    assert sensitivity_confidence(10, 0, 0.9) == pytest.approx(1 - 0.9 ** 10)
+    assert sensitivity_confidence(34, 1, 0.9) > 0.8 > sensitivity_confidence(34, 2, 0.9)
+    assert positives_needed(0.9, 0.8) == 16 and positives_needed(0.9, 0.5) == 7
+    assert 1 - 0.9 ** 16 >= 0.8 > 1 - 0.9 ** 15
+    with pytest.raises(ValueError):
+        sensitivity_confidence(5, 5, 0.9)
+
+
+def test_a_confident_threshold_keeps_the_target_on_new_cases_as_often_as_promised():
+    """Scores of cancers uniform on [0, 1]: a threshold t has true sensitivity 1 - t exactly.
+    Over many reviewed sets of 40 cancers, the confident rule keeps sensitivity >= 0.9 in at
+    least 80 % of them; the in-sample rule, in far fewer."""
+    rng = np.random.default_rng(3)
+    kept = {None: 0, 0.8: 0}
+    trials = 2000
+    for _ in range(trials):
+        pos = rng.random(40)
+        neg = rng.random(60) * 0.5
+        y = np.r_[np.ones(40), np.zeros(60)]
+        s = np.r_[pos, neg]
+        for conf in kept:
+            t = threshold_for_sensitivity(y, s, 0.9, confidence=conf)
+            kept[conf] += (1 - t) >= 0.9
+    assert kept[0.8] / trials >= 0.8           # promised 0.8; one cancer missed here gives 0.92 in theory
+    assert kept[None] / trials < 0.5           # the in-sample rule (four missed): 0.37 in theory
+
+
+@pytest.mark.parametrize("n_pos", [5, 10, 34, 120])
+def test_the_confident_threshold_never_lies_above_the_in_sample_one(n_pos):
+    rng = np.random.default_rng(n_pos)
+    y = np.r_[np.ones(n_pos), np.zeros(80)]
+    s = np.r_[rng.random(n_pos) * 0.7 + 0.3, rng.random(80) * 0.7]
+    in_sample = threshold_for_sensitivity(y, s, 0.9)
+    confident = threshold_for_sensitivity(y, s, 0.9, confidence=0.8)
+    assert confident <= in_sample
+    missed = int(((s < confident) & (y == 1)).sum())
+    if n_pos >= positives_needed(0.9, 0.8):
+        assert sensitivity_confidence(n_pos, missed, 0.9) >= 0.8
+        assert missed + 1 == n_pos or sensitivity_confidence(n_pos, missed + 1, 0.9) < 0.8  # the highest such
+    else:
+        assert missed == 0  # too few: below every cancer, the most the data supports
 
 
 def test_bootstrap_interval_brackets_the_estimate():
