@@ -13,10 +13,15 @@ being the folder's), two adaptations run through the product's own code:
   retrain      ml.export.write_feedback_folder -> merge_training_data with the two base
                sites (the test part as the locked set) -> ml.ensemble.fine_tune from the
                base weights for --finetune-minutes (per network: an ensemble base has each
-               member fine-tuned and recombined) -> the same recalibration on the reviewed
-               cases (what `manage.py retrain` then `recalibrate` do).
+               member fine-tuned and recombined), judged at the threshold it registers with
+               (set on its own validation split, as `manage.py retrain` registers it);
+  retrain+recal the retrained model recalibrated on the pool's cases it did not train on
+               (the site's reviews after the retrain: what `manage.py recalibrate` uses, since
+               it leaves out cases a model was trained or validated on); only where the rest
+               of the pool has enough of them.
 Each prints the test part's ROC-AUC (malignant vs rest), and sensitivity/specificity at the
-site threshold. The site threshold is set on the reviewed cases for --target-sensitivity.
+site threshold. The site threshold is set on the reviewed cases for --target-sensitivity,
+with --confidence (ml.adapt.SITE_THRESHOLD_CONFIDENCE; 0: the in-sample rule).
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.adapt import recalibrate  # noqa: E402
+from ml import MLError  # noqa: E402
+from ml.adapt import SITE_THRESHOLD_CONFIDENCE, recalibrate  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.export import FeedbackImage, merge_training_data, write_feedback_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
@@ -69,9 +75,12 @@ def main() -> None:
     ap.add_argument("--counts", default="0,25,50,100,all")
     ap.add_argument("--finetune-minutes", type=float, default=3.0, help="0: recalibration only")
     ap.add_argument("--target-sensitivity", type=float, default=0.90)
+    ap.add_argument("--confidence", type=float, default=SITE_THRESHOLD_CONFIDENCE,
+                    help="of keeping the target sensitivity on new cases (0: met on the reviewed cases)")
     ap.add_argument("--feedback-copies", type=int, default=1, help="each reviewed image this many times in the fine-tune")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    confidence = args.confidence or None
     base_sites = [s for s in ("busi", "breast-lesions-usg", "bus-uclm") if s != args.site]
     pool, test = split_by_patient(args.site, args.seed)
     rng = np.random.default_rng(args.seed)
@@ -98,7 +107,7 @@ def main() -> None:
                 print(f"{n:8d} (fewer than 5 malignant among them: no site threshold can be set)")
                 continue
             out = work / f"recal-{n}.pt"
-            recalibrate(args.base, images, labels, out, args.target_sensitivity, args.site)
+            recalibrate(args.base, images, labels, out, args.target_sensitivity, args.site, confidence)
             m = judge(out, test_dir)
             print(f"{n:8d} {'recalibrate':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}")
             if args.finetune_minutes <= 0:
@@ -116,10 +125,19 @@ def main() -> None:
             fine_tune(TrainConfig(data=str(work / f"train-{n}"), out=str(tuned), epochs=10_000, weights=str(args.base),
                             img_size=size, lr=3e-4, time_limit_min=args.finetune_minutes, patience=10_000,
                             ema=0.99, seed=args.seed, progress=False))
-            recalibrate(tuned, images, labels, work / f"tuned-recal-{n}.pt", args.target_sensitivity, args.site)
-            m = judge(work / f"tuned-recal-{n}.pt", test_dir)
+            m = judge(tuned, test_dir)
             print(f"{n:8d} {'retrain':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}",
                   flush=True)
+            later = pool[n:]
+            try:
+                recalibrate(tuned, [p for _, p, _ in later], [int(c == "malignant") for *_, c in later],
+                            work / f"tuned-recal-{n}.pt", args.target_sensitivity, args.site, confidence)
+            except MLError as exc:
+                print(f"{n:8d} {'retrain+recal':12} (not enough later reviews: {exc})")
+                continue
+            m = judge(work / f"tuned-recal-{n}.pt", test_dir)
+            print(f"{n:8d} {'retrain+recal':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
+                  f"{m['threshold']:9.3f}  (on the other {len(later)} pool cases)", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--split-seed", type=int, default=None, help="seed of the train/validation split (default: --seed); members of one ensemble share it")
 @click.option("--folds", default=0, show_default=True, type=click.IntRange(0), help="k-fold cross-validation (k >= 2); reports mean ± sd")
 @click.option("--target-sensitivity", default=0.90, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="operating threshold is chosen on validation data to reach this sensitivity")
+@click.option("--threshold-confidence", default=0.8, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="the stored threshold keeps --target-sensitivity on new cancers with this probability (ml.metrics.threshold_for_sensitivity); 0: met on the validation part only")
 @click.option("--patience", default=15, show_default=True, type=click.IntRange(1), help="early stopping: epochs without a validation ROC-AUC gain")
 @click.option("--positive", "positive_classes", multiple=True, help="positive class folder name (repeatable; default cancer, malignant)")
 @click.option("--no-group-duplicates", is_flag=True, help="split at random instead of keeping near-duplicate images on one side")
@@ -175,17 +176,21 @@ def predict(model_path: str, batch_size: int, device: str | None, images: tuple[
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ensemble checkpoint to write")
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True),
               help="the operating threshold reaches this sensitivity on the validation part (default: the members')")
+@click.option("--threshold-confidence", type=click.FloatRange(0, 1, max_open=True),
+              help="the threshold keeps the target sensitivity on new cancers with this probability (default: the members' rule; 0: met on the validation part)")
 @click.option("--device", default=None)
 @click.argument("members", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @user_errors
-def ensemble(data: str, out: str, target_sensitivity: float | None, device: str | None, members: tuple[str, ...]) -> None:
+def ensemble(data: str, out: str, target_sensitivity: float | None, threshold_confidence: float | None,
+             device: str | None, members: tuple[str, ...]) -> None:
     """Combine checkpoints trained on DATA with one --split-seed into one ensemble checkpoint.
 
     The ensemble predicts the mean of its members' outputs (and explains that mean); its
     calibration and threshold are fitted on the members' shared validation part."""
     from ml.ensemble import combine
 
-    meta = combine(list(members), data, out, target_sensitivity=target_sensitivity, device=device)["meta"]
+    meta = combine(list(members), data, out, target_sensitivity=target_sensitivity, device=device,
+                   threshold_confidence="members" if threshold_confidence is None else threshold_confidence)["meta"]
     for row in meta["ensemble"]["members"]:
         click.echo(f"member {row['file']} (seed {row['seed']}, epoch {row['epoch']}): val roc_auc {row['val_roc_auc']:.3f}")
     m = meta["val_metrics"]["at_threshold"]

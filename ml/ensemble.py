@@ -29,7 +29,7 @@ from ml import MLError
 from ml.calibration import calibrated, fit_platt
 from ml.checkpoint import load_checkpoint, model_from_payload, save_checkpoint
 from ml.hashing import file_sha256
-from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
+from ml.metrics import expected_calibration_error, operating_point, summarise, threshold_for_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,12 @@ def check_members(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> None
 
 def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
             target_sensitivity: float | None = None, device: str | None = None,
-            half: bool | None = None) -> dict[str, Any]:
+            half: bool | None = None, threshold_confidence: float | None | str = "members") -> dict[str, Any]:
     """Write ``out``: the ensemble of the member checkpoints ``paths``, with a Platt calibration
     and an operating threshold (for ``target_sensitivity``, default the members') fitted on
-    their shared validation part of ``data`` (the folder they were trained on).
+    their shared validation part of ``data`` (the folder they were trained on), by the
+    members' threshold rule (their ``threshold_confidence``) unless ``threshold_confidence``
+    is given (None or 0: the in-sample rule).
 
     Returns ``{"meta": .., "val_paths": .., "checkpoint": ..}``: the new metadata (its
     ``val_metrics`` holds the ensemble's validation figures and ``ensemble.members`` each
@@ -194,8 +196,9 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     target = float(target_sensitivity if target_sensitivity is not None else first.get("target_sensitivity", 0.90))
     calibration = fit_platt(logits, y)
     probs = calibrated(logits, calibration)
-    threshold = threshold_for_sensitivity(y, probs, target)
-    at_op = summarise(y, probs, threshold)
+    confidence = first.get("threshold_confidence") if threshold_confidence == "members" else threshold_confidence
+    threshold = threshold_for_sensitivity(y, probs, target, confidence or None)
+    at_op = operating_point(y, probs, threshold, target)
     at_op["ece"] = expected_calibration_error(y, probs)
     member_rows = []
     for path, meta, member, output in zip(paths, metas, members, outputs):
@@ -208,7 +211,7 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
             if k not in ("history", "created_at", "versions", "stored_dtype", "seed", "epoch")}
     meta.update({
         "calibration": calibration, "threshold": threshold, "target_sensitivity": target,
-        "val_metrics": {"at_threshold": at_op}, "seen_images": _union_seen(metas),
+        "threshold_confidence": confidence or None, "val_metrics": {"at_threshold": at_op}, "seen_images": _union_seen(metas),
         "ensemble": {"members": member_rows, "combined": "mean of the members' raw outputs",
                      "n_val": int(len(val_idx))},
     })
@@ -277,6 +280,7 @@ def fine_tune(cfg: Any) -> dict[str, Any]:
         results.append(fit(replace(cfg, weights=str(start), out=str(member_out), seed=cfg.seed + k,
                                    split_seed=split_seed)))
         outs.append(member_out)
-    combined = combine(outs, cfg.data, out, target_sensitivity=cfg.target_sensitivity, device=cfg.device)
+    combined = combine(outs, cfg.data, out, target_sensitivity=cfg.target_sensitivity, device=cfg.device,
+                       threshold_confidence=cfg.threshold_confidence)
     return {"members": results, "checkpoint": str(out), "val_metrics": combined["meta"]["val_metrics"],
             "val_paths": combined["val_paths"]}

@@ -94,6 +94,11 @@ def threshold_metrics(y: Sequence, scores: Sequence, threshold: float) -> dict[s
             "f1": f1, "confusion": c}
 
 
+# How sure a stored or site threshold must be that the target sensitivity holds on new
+# cancers (threshold_for_sensitivity's ``confidence``); the product's default everywhere.
+THRESHOLD_CONFIDENCE = 0.8
+
+
 def sensitivity_confidence(n_positive: int, n_missed: int, target: float) -> float:
     """How likely a threshold that misses ``n_missed`` of ``n_positive`` positives is to have
     sensitivity >= ``target`` on new positives from the same population (scores continuous).
@@ -190,6 +195,15 @@ def summarise(y: Sequence, scores: Sequence, threshold: float) -> dict:
     out = threshold_metrics(y, s, threshold)
     out.update({"roc_auc": roc_auc(y, s), "pr_auc": average_precision(y, s),
                 "threshold": float(threshold), "n": int(len(y)), "n_positive": int(y.sum())})
+    return out
+
+
+def operating_point(y: Sequence, scores: Sequence, threshold: float, target: float) -> dict:
+    """``summarise`` at a stored threshold plus how sure it is to keep ``target`` sensitivity
+    on new positives (``target_confidence``, from the positives it misses here)."""
+    out = summarise(y, scores, threshold)
+    n_pos, missed = out["n_positive"], out["confusion"]["fn"]
+    out["target_confidence"] = sensitivity_confidence(n_pos, missed, target) if missed < n_pos else 0.0
     return out
 
 

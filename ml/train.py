@@ -26,7 +26,8 @@ from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cac
                      compile_group_pattern, load_masks, named_groups, near_duplicate_groups, normalise,
                      scan_folder, stratified_folds, train_val_split)
 from ml.calibration import calibrated, fit_platt
-from ml.metrics import expected_calibration_error, summarise, threshold_for_sensitivity
+from ml.metrics import (THRESHOLD_CONFIDENCE, expected_calibration_error, operating_point, summarise,
+                        threshold_for_sensitivity)
 from ml.model import build_model, features_and_logits, model_malignancy_logit, select_device
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class TrainConfig:
     split_seed: int | None = None     # seed of the train/validation split; None: ``seed`` (members of one ensemble share a split)
     folds: int = 0
     target_sensitivity: float = 0.90
+    # the stored threshold keeps target_sensitivity on new cancers with this probability
+    # (ml.metrics.threshold_for_sensitivity); None or 0: met on the validation part
+    threshold_confidence: float | None = THRESHOLD_CONFIDENCE
     patience: int = 15
     device: str | None = None
     positive_classes: list[str] | None = None
@@ -321,7 +325,7 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
         "labels": list(LABEL_NAMES), "input_size": cfg.img_size,
         "resize": cache.resize, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "threshold": threshold, "threshold_default": 0.5,
-        "target_sensitivity": cfg.target_sensitivity,
+        "target_sensitivity": cfg.target_sensitivity, "threshold_confidence": cfg.threshold_confidence or None,
         "val_metrics": val_metrics, "data_fingerprint": fingerprint, "split": split,
         "seed": cfg.seed, "epoch": epoch, "args": asdict(cfg),
         "skipped_files": [str(p) for p, _ in cache.skipped],
@@ -507,8 +511,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
             y_np = y_val.numpy()
             calibration = fit_platt(val_logit, y_np)
             p_cal = calibrated(val_logit, calibration)
-            threshold = threshold_for_sensitivity(y_np, p_cal, cfg.target_sensitivity)
-            at_op = summarise(y_np, p_cal, threshold)
+            threshold = threshold_for_sensitivity(y_np, p_cal, cfg.target_sensitivity, cfg.threshold_confidence or None)
+            at_op = operating_point(y_np, p_cal, threshold, cfg.target_sensitivity)
             at_op["ece"] = expected_calibration_error(y_np, p_cal)
             at_op["ece_uncalibrated"] = expected_calibration_error(y_np, probs)
             val_metrics = {"at_threshold": at_op, "at_0.5": metrics, "loss": val_loss}

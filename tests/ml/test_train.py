@@ -9,7 +9,7 @@ from ml import MLError
 from ml.checkpoint import load_checkpoint
 from ml.data import scan_folder
 from ml.inference import Predictor
-from ml.metrics import threshold_metrics
+from ml.metrics import sensitivity_confidence, threshold_metrics
 from ml.train import TrainConfig, fit
 
 
@@ -61,6 +61,27 @@ def test_threshold_meets_target_sensitivity_on_validation(tiny_folder, tmp_path)
     meta = load_checkpoint(out)["meta"]
     assert meta["val_metrics"]["at_threshold"]["sensitivity"] >= 0.75
     assert meta["target_sensitivity"] == 0.75
+
+
+def test_the_stored_threshold_is_confident_by_default_and_the_in_sample_rule_stays_available(tmp_path):
+    from tests.ml.conftest import make_folder
+
+    data = make_folder(tmp_path / "data", n_per_class=40, seed=4)
+    metas = {}
+    for conf in (0.8, 0.0):
+        fit(config(data, tmp_path / f"m{conf}.pt", target_sensitivity=0.75, threshold_confidence=conf))
+        metas[conf] = load_checkpoint(tmp_path / f"m{conf}.pt")["meta"]
+    confident, in_sample = metas[0.8], metas[0.0]
+    assert confident["threshold_confidence"] == 0.8 and in_sample["threshold_confidence"] is None
+    # the same seed trains the same weights: only the rule differs, and it never raises the threshold
+    assert confident["val_metrics"]["at_0.5"]["roc_auc"] == in_sample["val_metrics"]["at_0.5"]["roc_auc"]
+    assert confident["threshold"] <= in_sample["threshold"]
+    op = confident["val_metrics"]["at_threshold"]
+    n, missed = op["n_positive"], op["confusion"]["fn"]
+    assert op["target_confidence"] == pytest.approx(sensitivity_confidence(n, missed, 0.75))
+    # the most the validation cancers allow: >= 0.8 where they are enough, else none missed
+    assert op["target_confidence"] >= 0.8 or missed == 0
+    assert in_sample["val_metrics"]["at_threshold"]["sensitivity"] >= 0.75
 
 
 def test_reload_gives_identical_predictions(tiny_folder, tmp_path):
