@@ -36,7 +36,7 @@ from ml.data import RESIZE_NAMES  # noqa: E402
 from ml.ensemble import combine  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
-from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
+from ml.metrics import THRESHOLD_CONFIDENCE, expected_calibration_error, roc_auc, summarise  # noqa: E402
 from ml.train import TrainConfig, fit  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
@@ -114,11 +114,11 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     # --epochs N: a schedule that does not depend on the machine's speed (the learning rate
     # follows the step count); else the clock: as many epochs as --minutes allow
     if args.combine:  # no training: the members' ensemble, judged as a run is
-        combined = combine(args.combine, merged, out)
+        combined = combine(args.combine, merged, out, threshold_confidence=args.threshold_confidence)
         return judged(combined, ensemble_report(combined["meta"]), train_sites, test_sites, work, out)
     cfg = TrainConfig(data=str(merged), out=str(out), epochs=args.epochs or 10_000, img_size=args.img_size,
                       batch_size=32, seed=args.seed, split_seed=args.split_seed, time_limit_min=None if args.epochs else args.minutes,
-                      patience=10_000,
+                      patience=10_000, threshold_confidence=args.threshold_confidence,
                       ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment,
                       masks=str(masks) if masks else None, mask_weight=args.mask_weight,
                       mask_margin=args.mask_margin,
@@ -233,6 +233,9 @@ def main() -> None:
                     help="folder holding the three sites (and masks/) as in ../shared/data (default: %(default)s)")
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--keep", help="keep the model(s) in this folder")
+    ap.add_argument("--threshold-confidence", type=float, default=THRESHOLD_CONFIDENCE,
+                    help="the stored threshold keeps sensitivity 0.90 on new cancers with this probability "
+                         "(0: met on the validation part, the rule before 2026-11-27)")
     ap.add_argument("--combine", nargs="+", metavar="MODEL",
                     help="train nothing: judge the ensemble of these checkpoints (trained here with one "
                          "--split-seed), calibrated on their shared validation part")

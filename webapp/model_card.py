@@ -116,7 +116,14 @@ def _validation_set(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
         size += f", {int(positives)} cancer"
     split = "the validation split held out during training"
     if meta.get("target_sensitivity"):
-        split += f" (threshold chosen on it for sensitivity {float(meta['target_sensitivity']):.2f})"
+        target = float(meta["target_sensitivity"])
+        confidence = meta.get("threshold_confidence")
+        reached = metrics.get("target_confidence")
+        rule = (f"kept on new cancers with probability {float(confidence):.0%}" if confidence
+                else "met on these images")
+        if confidence and isinstance(reached, (int, float)):
+            rule += f"; {float(reached):.0%} reached"
+        split += f" (threshold chosen on it for sensitivity {target:.2f}, {rule})"
     return f"{split}: {size}. Optimistic: the threshold and the best epoch were chosen on these images."
 
 

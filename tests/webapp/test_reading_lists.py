@@ -317,6 +317,10 @@ def test_model_card_one_metric_a_row_integers_and_the_demo_models_test_figures(p
             meta={"training_sites": ["busi (Egypt, CC BY 4.0)"], "epoch": 32, "target_sensitivity": 0.9,
                   "data_fingerprint": {"n_files": 879, "n_positive": 266, "classes": ["benign", "malignant", "normal"]},
                   "calibration": {"method": "platt", "n": 176}}))
+        db.session.add(ModelVersion(name="confident", file_key="models/cc/" + "c" * 64 + ".pt", checksum="c" * 64,
+                                    threshold=0.1, input_size=32,
+                                    metrics={"roc_auc": 0.8, "n": 40.0, "n_positive": 20.0, "target_confidence": 0.867},
+                                    meta={"target_sensitivity": 0.9, "threshold_confidence": 0.8}))
         db.session.add(ModelVersion(name="by-hand", file_key="models/bb/" + "b" * 64 + ".pt", checksum="b" * 64,
                                     threshold=0.5, input_size=32, metrics={"roc_auc": 0.7, "n": 40.0}, meta={}))
         db.session.commit()
@@ -331,7 +335,10 @@ def test_model_card_one_metric_a_row_integers_and_the_demo_models_test_figures(p
     validation = re.search(r'id="validation">(.*?)</table>', page, re.S).group(1)
     assert validation.count("<tr>") == 5 and '<th scope="row">Images</th><td>176</td>' in validation
     assert "validation split held out during training" in page and "176 images, 53 cancer" in page
+    assert "threshold chosen on it for sensitivity 0.90, met on these images" in page
     assert "879" in page and "879.000" not in page and "No locked-test evaluation recorded" not in page
+    confident = boss.get("/admin/models/confident").data.decode()
+    assert "for sensitivity 0.90, kept on new cancers with probability 80%; 87% reached" in confident
     hand = boss.get("/admin/models/by-hand").data.decode()
     assert 'id="no-locked-test"' in hand and "No locked-test evaluation recorded" in hand
     assert '<th scope="row">Images</th><td>40</td>' in hand
