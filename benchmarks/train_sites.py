@@ -36,7 +36,7 @@ from ml.data import RESIZE_NAMES  # noqa: E402
 from ml.ensemble import combine  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
-from ml.metrics import THRESHOLD_CONFIDENCE, expected_calibration_error, roc_auc, summarise  # noqa: E402
+from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
 from ml.train import TrainConfig, fit  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
@@ -233,9 +233,9 @@ def main() -> None:
                     help="folder holding the three sites (and masks/) as in ../shared/data (default: %(default)s)")
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--keep", help="keep the model(s) in this folder")
-    ap.add_argument("--threshold-confidence", type=float, default=THRESHOLD_CONFIDENCE,
+    ap.add_argument("--threshold-confidence", type=float, default=0.0,
                     help="the stored threshold keeps sensitivity 0.90 on new cancers with this probability "
-                         "(0: met on the validation part, the rule before 2026-11-27)")
+                         "(0, the default: met on the validation part)")
     ap.add_argument("--combine", nargs="+", metavar="MODEL",
                     help="train nothing: judge the ensemble of these checkpoints (trained here with one "
                          "--split-seed), calibrated on their shared validation part")

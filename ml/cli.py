@@ -42,7 +42,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--split-seed", type=int, default=None, help="seed of the train/validation split (default: --seed); members of one ensemble share it")
 @click.option("--folds", default=0, show_default=True, type=click.IntRange(0), help="k-fold cross-validation (k >= 2); reports mean ± sd")
 @click.option("--target-sensitivity", default=0.90, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="operating threshold is chosen on validation data to reach this sensitivity")
-@click.option("--threshold-confidence", default=0.8, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="the stored threshold keeps --target-sensitivity on new cancers with this probability (ml.metrics.threshold_for_sensitivity); 0: met on the validation part only")
+@click.option("--threshold-confidence", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="the stored threshold keeps --target-sensitivity on new cancers with this probability (ml.metrics.threshold_for_sensitivity, docs/ml.md); 0: met on the validation part")
 @click.option("--patience", default=15, show_default=True, type=click.IntRange(1), help="early stopping: epochs without a validation ROC-AUC gain")
 @click.option("--positive", "positive_classes", multiple=True, help="positive class folder name (repeatable; default cancer, malignant)")
 @click.option("--no-group-duplicates", is_flag=True, help="split at random instead of keeping near-duplicate images on one side")

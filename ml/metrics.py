@@ -94,11 +94,6 @@ def threshold_metrics(y: Sequence, scores: Sequence, threshold: float) -> dict[s
             "f1": f1, "confusion": c}
 
 
-# How sure a stored or site threshold must be that the target sensitivity holds on new
-# cancers (threshold_for_sensitivity's ``confidence``); the product's default everywhere.
-THRESHOLD_CONFIDENCE = 0.8
-
-
 def sensitivity_confidence(n_positive: int, n_missed: int, target: float) -> float:
     """How likely a threshold that misses ``n_missed`` of ``n_positive`` positives is to have
     sensitivity >= ``target`` on new positives from the same population (scores continuous).

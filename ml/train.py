@@ -26,8 +26,7 @@ from ml.data import (IMAGENET_MEAN, IMAGENET_STD, LABEL_NAMES, CachedImages, cac
                      compile_group_pattern, load_masks, named_groups, near_duplicate_groups, normalise,
                      scan_folder, stratified_folds, train_val_split)
 from ml.calibration import calibrated, fit_platt
-from ml.metrics import (THRESHOLD_CONFIDENCE, expected_calibration_error, operating_point, summarise,
-                        threshold_for_sensitivity)
+from ml.metrics import expected_calibration_error, operating_point, summarise, threshold_for_sensitivity
 from ml.model import build_model, features_and_logits, model_malignancy_logit, select_device
 
 log = logging.getLogger(__name__)
@@ -51,8 +50,10 @@ class TrainConfig:
     folds: int = 0
     target_sensitivity: float = 0.90
     # the stored threshold keeps target_sensitivity on new cancers with this probability
-    # (ml.metrics.threshold_for_sensitivity); None or 0: met on the validation part
-    threshold_confidence: float | None = THRESHOLD_CONFIDENCE
+    # (ml.metrics.threshold_for_sensitivity); None or 0: met on the validation part (the
+    # default: at 0.8 a few model-blind validation cancers pull the threshold down to a
+    # specificity near zero, docs/ml.md)
+    threshold_confidence: float | None = None
     patience: int = 15
     device: str | None = None
     positive_classes: list[str] | None = None
