@@ -144,7 +144,8 @@ def recalibrate(locked_test, promote, target_sensitivity, min_reviews, rule, con
         click.echo(f"fitted on {a['n']} reviewed case(s) ({a['n_malignant']} malignant): threshold "
                    f"{a['previous_threshold']:.3f} -> {o.version.threshold:.3f}; on those cases ECE "
                    f"{a['before']['ece']:.3f} -> {a['after']['ece']:.3f}, sensitivity {a['before']['sensitivity']:.3f} -> "
-                   f"{a['after']['sensitivity']:.3f}")
+                   f"{a['after']['sensitivity']:.3f}, specificity {a['before']['specificity']:.3f} -> "
+                   f"{a['after']['specificity']:.3f}")
         if a.get("left_out_seen"):
             click.echo(f"left out {a['left_out_seen']} reviewed case(s) the model was trained or validated on "
                        f"(its scores there are optimistic)")

@@ -102,3 +102,29 @@ def test_too_few_cancers_for_the_confidence_asked_is_said_plainly(app, tmp_path,
     assert "with probability 47% (asked: 80%); 0 of 6 reviewed cancers fall below it" in result.output
     assert "warning: 6 reviewed cancers are too few for 80%: the threshold lies below all of them; about 16 are needed" \
         in result.output
+
+
+def test_reviewed_cases_the_model_was_trained_on_are_left_out(app, tmp_path, tiny_checkpoint, run_cli):
+    """After a retrain on a site's reviews, their scores flatter the new version: recalibrate
+    works from the other cases (the leakage guard's record) and says how many it left out."""
+    from ml.checkpoint import save_checkpoint
+    from ml.inference import Predictor
+    from webapp.extensions import db
+    from webapp.models import Case, ModelVersion
+
+    base_id = register_model(app, tiny_checkpoint, name="base")
+    _reviewed_cases(app, base_id, n_malignant=10, n_other=20)
+    with app.app_context():
+        digests = [c.image_sha256 for c in db.session.scalars(select(Case).order_by(Case.id))]
+    retrained = Predictor.from_checkpoint(tiny_checkpoint, "cpu")
+    meta = dict(retrained.meta, seen_images={"sha256": digests[-6:]})  # trained on six of the benign ones
+    save_checkpoint(tmp_path / "retrained.pt", retrained.model, meta)
+    register_model(app, tmp_path / "retrained.pt", name="retrained")
+    locked = make_folder(tmp_path / "locked", n_per_class=4, classes=("malignant", "normal"), seed=5)
+    result = run_cli("recalibrate", "--locked-test", locked, "--promote", "never")
+    assert result.exit_code == 0, result.output
+    assert "fitted on 24 reviewed case(s) (10 malignant)" in result.output
+    assert "left out 6 reviewed case(s) the model was trained or validated on" in result.output
+    with app.app_context():
+        new = db.session.scalar(select(ModelVersion).where(ModelVersion.parent_id.is_not(None)))
+        assert new.meta["site_adaptation"]["left_out_seen"] == 6 and new.meta["site_adaptation"]["n"] == 24
