@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--site", default="bus-uclm")
     ap.add_argument("--counts", default="0,25,50,100,all")
     ap.add_argument("--finetune-minutes", type=float, default=3.0, help="0: recalibration only")
+    ap.add_argument("--finetune-epochs", type=int, default=None,
+                    help="a fixed number of epochs per network instead of --finetune-minutes (the same on any machine)")
     ap.add_argument("--target-sensitivity", type=float, default=0.90)
     ap.add_argument("--confidence", type=float, default=SITE_THRESHOLD_CONFIDENCE,
                     help="of keeping the target sensitivity on new cases (0: met on the reviewed cases)")
@@ -92,7 +94,9 @@ def main() -> None:
         test_dir = link_folder(work / "test", test)
         base_dir = link_folder(work / "base", [f for s in base_sites for f in site_files(s)])
         base_eval = judge(Path(args.base), test_dir)
-        print(f"fine-tune: {args.finetune_minutes} min, each reviewed image {args.feedback_copies}x")
+        schedule = f"{args.finetune_epochs} epoch(s)" if args.finetune_epochs else f"{args.finetune_minutes} min"
+        print(f"fine-tune: {schedule} per network, each reviewed image {args.feedback_copies}x; "
+              f"site threshold: confidence {confidence or 'in-sample'}")
         print(f"{'reviewed':>8} {'path':12} {'ROC-AUC':>8} {'sens':>6} {'spec':>6} {'threshold':>9}")
         print(f"{0:8d} {'base model':12} {base_eval['roc_auc']:8.3f} {base_eval['sensitivity']:6.3f} "
               f"{base_eval['specificity']:6.3f} {base_eval['threshold']:9.3f}")
@@ -110,7 +114,7 @@ def main() -> None:
             recalibrate(args.base, images, labels, out, args.target_sensitivity, args.site, confidence)
             m = judge(out, test_dir)
             print(f"{n:8d} {'recalibrate':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}")
-            if args.finetune_minutes <= 0:
+            if args.finetune_minutes <= 0 and not args.finetune_epochs:
                 continue
             # each case carries its patient, as a DICOM upload's pseudonym would: the fine-tune
             # keeps a patient's images on one side of its validation split
@@ -122,8 +126,9 @@ def main() -> None:
                                 feedback_copies=args.feedback_copies)
             tuned = work / f"tuned-{n}.pt"
             size = Predictor.from_checkpoint(args.base, "cpu").input_size
-            fine_tune(TrainConfig(data=str(work / f"train-{n}"), out=str(tuned), epochs=10_000, weights=str(args.base),
-                            img_size=size, lr=3e-4, time_limit_min=args.finetune_minutes, patience=10_000,
+            fine_tune(TrainConfig(data=str(work / f"train-{n}"), out=str(tuned), epochs=args.finetune_epochs or 10_000,
+                            weights=str(args.base), img_size=size, lr=3e-4, patience=10_000,
+                            time_limit_min=None if args.finetune_epochs else args.finetune_minutes,
                             ema=0.99, seed=args.seed, progress=False))
             m = judge(tuned, test_dir)
             print(f"{n:8d} {'retrain':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}",
