@@ -52,6 +52,27 @@ def fit_site_threshold(logits: np.ndarray, malignant: np.ndarray, target_sensiti
     return calibration, threshold
 
 
+# the rules `recalibrate` shows side by side, so an admin sees what each costs on the site
+THRESHOLD_OPTIONS = (None, 0.5, 0.8)
+
+
+def threshold_options(logits: np.ndarray, malignant: np.ndarray, calibration: dict[str, Any],
+                      target_sensitivity: float) -> list[dict[str, Any]]:
+    """Under each rule of THRESHOLD_OPTIONS (confidence None = in-sample): the threshold on
+    ``calibration``'s scale, the sensitivity and specificity it gives on these cases, and
+    the chance it keeps ``target_sensitivity`` on the next cancers."""
+    scores = calibrated(logits, calibration)
+    rows = []
+    for confidence in THRESHOLD_OPTIONS:
+        threshold = threshold_for_sensitivity(malignant, scores, target_sensitivity, confidence)
+        m = summarise(malignant, scores, threshold)
+        rows.append({"confidence": confidence, "threshold": threshold, "sensitivity": m["sensitivity"],
+                     "specificity": m["specificity"],
+                     "confidence_reached": sensitivity_confidence(m["n_positive"], m["confusion"]["fn"],
+                                                                  target_sensitivity)})
+    return rows
+
+
 def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant: Sequence[int], out: str | Path,
                 target_sensitivity: float = 0.90, site: str | None = None,
                 confidence: float | None = SITE_THRESHOLD_CONFIDENCE) -> dict[str, Any]:
@@ -95,6 +116,7 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
             "confidence_reached": sensitivity_confidence(int(y.sum()), missed, target_sensitivity),
             "malignant_needed": (positives_needed(target_sensitivity, confidence)
                                  if confidence and target_sensitivity < 1 else None),
+            "options": threshold_options(logits, y, calibration, target_sensitivity),
             "previous_calibration": payload["meta"].get("calibration"),
             "previous_threshold": payload["meta"]["threshold"],
             "before": dict(summarise(y, before, float(payload["meta"]["threshold"])),

@@ -109,6 +109,13 @@ def threshold_rule_lines(adaptation: dict, target: float) -> list[str]:
     lines = [f"threshold keeps sensitivity >= {target:.2f} on the site's next cancers with probability "
              f"{reached:.0%}" + (f" (asked: {wanted:.0%})" if wanted else " (in-sample rule)")
              + f"; {missed} of {adaptation['n_malignant']} reviewed cancers fall below it"]
+    options = adaptation.get("options") or []
+    if options:
+        lines.append("on these cases, by rule (threshold, sensitivity, specificity, chance of keeping the target):")
+        for row in options:
+            name = "in-sample" if row["confidence"] is None else f"confidence {row['confidence']:.0%}"
+            lines.append(f"  {name:16} {row['threshold']:.3f}  {row['sensitivity']:.3f}  {row['specificity']:.3f}  "
+                         f"{row['confidence_reached']:.0%}")
     if wanted and reached < wanted:
         lines.append(f"warning: {adaptation['n_malignant']} reviewed cancers are too few for {wanted:.0%}: the threshold "
                      f"lies below all of them; about {adaptation['malignant_needed']} are needed")

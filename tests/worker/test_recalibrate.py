@@ -2,6 +2,8 @@
 new version with the same weights, a new calibration and threshold, through the gate."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from sqlalchemy import select
@@ -35,6 +37,8 @@ def test_recalibrate_registers_the_same_weights_with_a_site_threshold(app, tmp_p
     # at 0.75 with 80 % confidence, 8 reviewed cancers allow none below the threshold (one would give 63 %)
     assert "with probability 90% (asked: 80%); 0 of 8 reviewed cancers fall below it" in result.output
     assert "warning" not in result.output
+    assert "on these cases, by rule (threshold, sensitivity, specificity, chance of keeping the target):" in result.output
+    assert re.search(r"  confidence 80%\s+[0-9.]+  1\.000  [0-9.]+  90%", result.output)
     assert "registered v2 (parent base)" in result.output and "decision: NOT PROMOTED" in result.output
     with app.app_context():
         new = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v2"))
@@ -90,6 +94,12 @@ def test_recalibrate_with_enough_cancers_keeps_a_confident_margin_and_can_use_th
     assert a["insample"]["after"]["confusion"]["fn"] == 3 and a["insample"]["confidence"] is None
     assert a["insample"]["confidence_reached"] < 0.5 <= a["conf"]["confidence_reached"]
     assert a["conf"]["after"]["confusion"]["fn"] == 2
+    # every version shows the three rules side by side; the one chosen is among them
+    options = {row["confidence"]: row for row in a["conf"]["options"]}
+    assert list(options) == [None, 0.5, 0.8]
+    assert options[0.5]["threshold"] == pytest.approx(a["conf"]["after"]["threshold"])
+    assert options[None]["threshold"] == pytest.approx(a["insample"]["after"]["threshold"])
+    assert options[None]["specificity"] >= options[0.5]["specificity"] >= options[0.8]["specificity"]
 
 
 def test_too_few_cancers_for_the_confidence_asked_is_said_plainly(app, tmp_path, tiny_checkpoint, run_cli):
