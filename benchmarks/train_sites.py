@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from ml.ensemble import combine  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import expected_calibration_error, roc_auc, summarise  # noqa: E402
-from ml.train import TrainConfig, fit  # noqa: E402
+from ml.train import TrainConfig, fit, snapshot_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 DATA = HERE.parent / "shared" / "data"
@@ -119,6 +120,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
     cfg = TrainConfig(data=str(merged), out=str(out), epochs=args.epochs or 10_000, img_size=args.img_size,
                       batch_size=32, seed=args.seed, split_seed=args.split_seed, time_limit_min=None if args.epochs else args.minutes,
                       patience=10_000, threshold_confidence=args.threshold_confidence,
+                      snapshot_epochs=tuple(args.snapshots),
                       ema=args.ema, weights="none", progress=False, scanner_augment=args.scanner_augment,
                       masks=str(masks) if masks else None, mask_weight=args.mask_weight,
                       mask_margin=args.mask_margin,
@@ -233,6 +235,9 @@ def main() -> None:
                     help="folder holding the three sites (and masks/) as in ../shared/data (default: %(default)s)")
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--keep", help="keep the model(s) in this folder")
+    ap.add_argument("--snapshots", type=lambda v: [int(e) for e in v.split(",") if e], default=[],
+                    help="also keep the models of these epochs, e.g. 40,60,80 (with --keep: NAME.eEPOCH.pt), "
+                         "members of a snapshot ensemble for --combine")
     ap.add_argument("--threshold-confidence", type=float, default=0.0,
                     help="the stored threshold keeps sensitivity 0.90 on new cancers with this probability "
                          "(0, the default: met on the validation part)")
@@ -261,6 +266,10 @@ def main() -> None:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 name = "+".join(train_sites) + ".pt"
                 (Path(args.keep) / name).write_bytes((Path(tmp) / "model.pt").read_bytes())
+                for epoch in args.snapshots:  # a snapshot ensemble's members, named by epoch
+                    if snapshot_path(Path(tmp) / "model.pt", epoch).is_file():
+                        shutil.copyfile(snapshot_path(Path(tmp) / "model.pt", epoch),
+                                        snapshot_path(Path(args.keep) / name, epoch))
         show(report)
         reports.append(report)
     if args.json:

@@ -54,6 +54,9 @@ class TrainConfig:
     # default: at 0.8 a few model-blind validation cancers pull the threshold down to a
     # specificity near zero, docs/ml.md)
     threshold_confidence: float | None = None
+    # also write the model of these epochs (``snapshot_path``), whatever its validation score:
+    # members of a snapshot ensemble (ml.ensemble.combine), on the run's one split
+    snapshot_epochs: tuple[int, ...] = ()
     patience: int = 15
     device: str | None = None
     positive_classes: list[str] | None = None
@@ -394,6 +397,12 @@ def _class_weights(classes: torch.Tensor, n_classes: int) -> torch.Tensor:
     return counts.sum() / (n_classes * counts)
 
 
+def snapshot_path(out: str | Path, epoch: int) -> Path:
+    """Where ``TrainConfig.snapshot_epochs`` writes the model of ``epoch`` beside ``out``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.e{epoch}{out.suffix}")
+
+
 def seen_images(cache: CachedImages, indices: np.ndarray) -> dict[str, list[str]]:
     """sha256 and difference hash (hex) of the images at ``indices``: the leakage guard's record."""
     from ml.data import difference_hash
@@ -508,7 +517,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
         if on_epoch:
             on_epoch(entry)
         log.info("epoch %d train loss=%.3f acc=%.3f | val %s", epoch, loss, acc, _fmt(metrics))
-        if metrics["roc_auc"] > best["roc_auc"]:
+        improved = metrics["roc_auc"] > best["roc_auc"]
+        if improved or epoch in cfg.snapshot_epochs:
             y_np = y_val.numpy()
             calibration = fit_platt(val_logit, y_np)
             p_cal = calibrated(val_logit, calibration)
@@ -517,17 +527,18 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
             at_op["ece"] = expected_calibration_error(y_np, p_cal)
             at_op["ece_uncalibrated"] = expected_calibration_error(y_np, probs)
             val_metrics = {"at_threshold": at_op, "at_0.5": metrics, "loss": val_loss}
-            best = {"roc_auc": metrics["roc_auc"], "epoch": epoch, "threshold": threshold,
-                    "val_metrics": val_metrics}
             if trained_on is None:
                 trained_on = seen_images(cache, np.concatenate([train_idx, val_idx]))
             meta = _checkpoint_meta(cfg, cache, fingerprint, class_names, positive_classes,
                                     val_metrics, threshold, split_info, epoch, history, num_outputs,
                                     calibration, trained_on, layer4_stride=stride)
-            save_checkpoint(out, scored, meta)
-            stale = 0
-        else:
-            stale += 1
+            if epoch in cfg.snapshot_epochs:
+                save_checkpoint(snapshot_path(out, epoch), scored, meta)
+            if improved:
+                best = {"roc_auc": metrics["roc_auc"], "epoch": epoch, "threshold": threshold,
+                        "val_metrics": val_metrics}
+                save_checkpoint(out, scored, meta)
+        stale = 0 if improved else stale + 1
         torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),

@@ -228,3 +228,22 @@ def test_options_out_of_range_fail_before_training(tiny_folder, tmp_path, option
     with pytest.raises(MLError, match=f"{option} .* is out of range"):
         fit(config(tiny_folder, tmp_path / "m.pt", **{option: value}))
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_snapshot_epochs_are_written_beside_the_best_and_combine_into_an_ensemble(tiny_folder, tmp_path):
+    from ml.ensemble import combine
+    from ml.train import snapshot_path
+
+    out = tmp_path / "m.pt"
+    result = fit(config(tiny_folder, out, epochs=3, snapshot_epochs=(2, 3), split_seed=0))
+    snaps = [snapshot_path(out, e) for e in (2, 3)]
+    assert snaps[0].name == "m.e2.pt" and all(p.is_file() for p in snaps)
+    assert not snapshot_path(out, 1).exists()
+    metas = [load_checkpoint(p)["meta"] for p in snaps]
+    assert [m["epoch"] for m in metas] == [2, 3]
+    assert load_checkpoint(out)["meta"]["epoch"] == result["best_epoch"]  # the best stays the main file
+    w2, w3 = (load_checkpoint(p)["state_dict"]["fc.weight"] for p in snaps)
+    assert not torch.equal(w2, w3)
+    # one run, one split: its snapshots are an ensemble's members as they stand
+    ensemble = combine([out, *snaps], tiny_folder, tmp_path / "snap.pt")["meta"]
+    assert [m["epoch"] for m in ensemble["ensemble"]["members"]] == [result["best_epoch"], 2, 3]
