@@ -63,6 +63,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="validate and save an exponential moving average of the weights with this decay (e.g. 0.99); 0 = off")
 @click.option("--time-limit", "time_limit_min", type=click.FloatRange(0, min_open=True), help="stop after this many minutes (checked after each epoch)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+@click.option("--snapshot-epochs", default="", help="comma-separated epochs whose models are also written as OUT-stem.eEPOCH.pt, whatever their validation score: members of a snapshot ensemble (`ensemble`)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from OUT.resume.pt")
 @click.option("--strict", is_flag=True, help="fail on unreadable image files instead of skipping them")
 @click.option("--quiet", is_flag=True, help="no progress bars or per-epoch lines")
@@ -74,6 +75,11 @@ def train(quiet: bool, no_group_duplicates: bool, no_augment: bool, positive_cla
 
     if opts.get("layer4_stride"):
         opts["layer4_stride"] = int(opts["layer4_stride"])
+    try:
+        opts["snapshot_epochs"] = tuple(int(e) for e in opts.get("snapshot_epochs", "").split(",") if e.strip())
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of epoch numbers, e.g. 40,60,80",
+                                 param_hint="--snapshot-epochs") from None
     if opts.get("resize"):
         from ml.data import RESIZE_NAMES
 

@@ -76,6 +76,21 @@ def test_train_refuses_a_broken_group_pattern_by_name(tmp_path):
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_train_snapshot_epochs_and_threshold_confidence_reach_the_checkpoints(tmp_path):
+    from ml.checkpoint import load_checkpoint
+
+    data = make_folder(tmp_path / "data", n_per_class=6)
+    model = tmp_path / "m.pt"
+    args = ["train", "--data", str(data), "--out", str(model), "--epochs", "2", "--img-size", "32", "--batch-size", "4",
+            "--no-group-duplicates", "--quiet"]
+    result = CliRunner().invoke(cli, args + ["--snapshot-epochs", "1,2", "--threshold-confidence", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert [load_checkpoint(tmp_path / f"m.e{e}.pt")["meta"]["epoch"] for e in (1, 2)] == [1, 2]
+    assert load_checkpoint(model)["meta"]["threshold_confidence"] == 0.5
+    bad = CliRunner().invoke(cli, args + ["--snapshot-epochs", "forty"])
+    assert bad.exit_code == 2 and "comma-separated list of epoch numbers" in bad.output
+
+
 def test_train_resize_letterbox_reaches_the_checkpoint_and_evaluate_follows_it(tmp_path):
     from ml.checkpoint import load_checkpoint
 
