@@ -63,15 +63,13 @@ def test_threshold_meets_target_sensitivity_on_validation(tiny_folder, tmp_path)
     assert meta["target_sensitivity"] == 0.75
 
 
-def test_the_stored_threshold_is_confident_by_default_and_the_in_sample_rule_stays_available(tmp_path):
+def test_the_stored_threshold_is_in_sample_by_default_and_can_be_confident(tmp_path):
     from tests.ml.conftest import make_folder
 
     data = make_folder(tmp_path / "data", n_per_class=40, seed=4)
-    metas = {}
-    for conf in (0.8, 0.0):
-        fit(config(data, tmp_path / f"m{conf}.pt", target_sensitivity=0.75, threshold_confidence=conf))
-        metas[conf] = load_checkpoint(tmp_path / f"m{conf}.pt")["meta"]
-    confident, in_sample = metas[0.8], metas[0.0]
+    fit(config(data, tmp_path / "confident.pt", target_sensitivity=0.75, threshold_confidence=0.8))
+    fit(config(data, tmp_path / "default.pt", target_sensitivity=0.75))
+    confident, in_sample = (load_checkpoint(tmp_path / f"{name}.pt")["meta"] for name in ("confident", "default"))
     assert confident["threshold_confidence"] == 0.8 and in_sample["threshold_confidence"] is None
     # the same seed trains the same weights: only the rule differs, and it never raises the threshold
     assert confident["val_metrics"]["at_0.5"]["roc_auc"] == in_sample["val_metrics"]["at_0.5"]["roc_auc"]
