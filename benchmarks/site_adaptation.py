@@ -26,7 +26,6 @@ with --confidence (ml.adapt.SITE_THRESHOLD_CONFIDENCE; 0: the in-sample rule).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +38,7 @@ from ml import MLError  # noqa: E402
 from ml.adapt import SITE_THRESHOLD_CONFIDENCE, recalibrate  # noqa: E402
 from ml.evaluate import predict_folder  # noqa: E402
 from ml.export import FeedbackImage, merge_training_data, write_feedback_folder  # noqa: E402
+from ml.hashing import file_sha256  # noqa: E402
 from ml.inference import Predictor  # noqa: E402
 from ml.metrics import summarise  # noqa: E402
 from ml.ensemble import fine_tune  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
                 continue
             # each case carries its patient, as a DICOM upload's pseudonym would: the fine-tune
             # keeps a patient's images on one side of its validation split
-            items = [FeedbackImage(i + 1, p, c, hashlib.sha256(p.read_bytes()).hexdigest(), "reviewer",
+            items = [FeedbackImage(i + 1, p, c, file_sha256(p), "reviewer",
                                    patient_key=patient_of(p, args.site))
                      for i, (_, p, c) in enumerate(reviewed)]
             write_feedback_folder(items, work / f"feedback-{n}")

@@ -14,8 +14,8 @@ from ml import MLError
 from ml.calibration import calibrated, fit_platt
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.inference import Predictor
-from ml.metrics import (expected_calibration_error, positives_needed,
-                        sensitivity_confidence, summarise, threshold_for_sensitivity)
+from ml.metrics import (expected_calibration_error, operating_point, positives_needed, summarise,
+                        threshold_for_sensitivity)
 from ml.model import model_malignancy_logit
 
 # Fewer reviewed cases than this (or fewer malignant ones than MIN_MALIGNANT) cannot set a threshold.
@@ -31,15 +31,12 @@ def malignancy_logits(predictor: Predictor, images: Sequence[str | Path], batch_
     """The uncalibrated malignancy logit of each image, preprocessed as the worker does.
     With ``hashed`` (a list), the model-size uint8 images are appended to it as well, for
     the leakage guard's near-copy hash."""
-    from ml.data import load_image, normalise, resize_to_tensor
-
     out = []
     for start in range(0, len(images), batch_size):
-        uint8 = torch.stack([resize_to_tensor(load_image(im), predictor.input_size, predictor.resize)
-                             for im in images[start:start + batch_size]])
+        uint8 = predictor.to_uint8(list(images[start:start + batch_size]))
         if hashed is not None:
             hashed.append(uint8)
-        output = predictor.outputs(normalise(uint8.to(predictor.device), predictor.meta["mean"], predictor.meta["std"]))
+        output = predictor.outputs(predictor.normalised(uint8))
         out.append(model_malignancy_logit(predictor.model, output).double())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
@@ -65,11 +62,9 @@ def threshold_options(logits: np.ndarray, malignant: np.ndarray, calibration: di
     rows = []
     for confidence in THRESHOLD_OPTIONS:
         threshold = threshold_for_sensitivity(malignant, scores, target_sensitivity, confidence)
-        m = summarise(malignant, scores, threshold)
+        m = operating_point(malignant, scores, threshold, target_sensitivity)
         rows.append({"confidence": confidence, "threshold": threshold, "sensitivity": m["sensitivity"],
-                     "specificity": m["specificity"],
-                     "confidence_reached": sensitivity_confidence(m["n_positive"], m["confusion"]["fn"],
-                                                                  target_sensitivity)})
+                     "specificity": m["specificity"], "confidence_reached": m["target_confidence"]})
     return rows
 
 
@@ -104,7 +99,7 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
     before = calibrated(logits, predictor.meta.get("calibration"))
     calibration, threshold = fit_site_threshold(logits, y, target_sensitivity, confidence)
     after = calibrated(logits, calibration)
-    missed = int(((after < threshold) & (y == 1)).sum())
+    at_threshold = dict(operating_point(y, after, threshold, target_sensitivity), ece=expected_calibration_error(y, after))
     payload = load_checkpoint(checkpoint)
     meta = dict(payload["meta"])
     meta.update({
@@ -113,7 +108,7 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
             "site": site, "n": int(len(y)), "n_malignant": int(y.sum()), "left_out_seen": left_out,
             "confidence": confidence,
             # the chance that this threshold keeps the target sensitivity on the site's next cancers
-            "confidence_reached": sensitivity_confidence(int(y.sum()), missed, target_sensitivity),
+            "confidence_reached": at_threshold["target_confidence"],
             "malignant_needed": (positives_needed(target_sensitivity, confidence)
                                  if confidence and target_sensitivity < 1 else None),
             "options": threshold_options(logits, y, calibration, target_sensitivity),
@@ -121,7 +116,7 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
             "previous_threshold": payload["meta"]["threshold"],
             "before": dict(summarise(y, before, float(payload["meta"]["threshold"])),
                            ece=expected_calibration_error(y, before)),
-            "after": dict(summarise(y, after, threshold), ece=expected_calibration_error(y, after)),
+            "after": at_threshold,
         },
     })
     meta.pop("created_at", None)

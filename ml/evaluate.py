@@ -63,15 +63,14 @@ def overlap_with_training(predictor: Predictor, paths: list[Path], images) -> tu
     """(exact, near) boolean per evaluated image: the same file (sha256) as a training or
     validation image of the checkpoint, or a near copy (dHash within NEAR_COPY_BITS bits).
     None when the checkpoint did not record its images."""
-    import hashlib
-
     from ml.data import difference_hash
+    from ml.hashing import file_sha256
 
     seen = predictor.meta.get("seen_images") or {}
     if not seen.get("sha256"):
         return None
     known = set(seen["sha256"])
-    exact = np.array([hashlib.sha256(Path(p).read_bytes()).hexdigest() in known for p in paths], dtype=bool)
+    exact = np.array([file_sha256(p) in known for p in paths], dtype=bool)
     near = np.zeros(len(paths), dtype=bool)
     if seen.get("dhash"):
         ref = np.unpackbits(np.frombuffer(bytes.fromhex("".join(seen["dhash"])), dtype=np.uint8)).reshape(-1, 256)

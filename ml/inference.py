@@ -55,10 +55,17 @@ class Predictor:
         """How an image becomes the square input (ml.data.RESIZE_MODES); older checkpoints squash."""
         return str(self.meta.get("resize") or "square-bilinear")
 
+    def to_uint8(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
+        """Images (paths or PIL) -> the model-size uint8 tensor (CPU), as training caches them."""
+        return torch.stack([resize_to_tensor(load_image(im), self.input_size, self.resize) for im in images])
+
+    def normalised(self, uint8: torch.Tensor) -> torch.Tensor:
+        """A ``to_uint8`` batch -> the normalised input on the model's device."""
+        return normalise(uint8.to(self.device), self.meta["mean"], self.meta["std"])
+
     def to_batch(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
         """Images (paths or PIL) -> normalised tensor on the model's device."""
-        uint8 = torch.stack([resize_to_tensor(load_image(im), self.input_size, self.resize) for im in images])
-        return normalise(uint8.to(self.device), self.meta["mean"], self.meta["std"])
+        return self.normalised(self.to_uint8(images))
 
     def label_for(self, probability: float) -> str:
         labels = self.meta["labels"]
