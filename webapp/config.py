@@ -147,6 +147,9 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # Promotion gate of `manage.py retrain --promote auto`: minimum sensitivity on
         # the locked test set at the new model's own threshold.
         "RETRAIN_TARGET_SENSITIVITY": float(_env("RETRAIN_TARGET_SENSITIVITY", "0.90")),
+        # ... and its specificity floor there: a version below it is promoted only if its
+        # specificity is not lower than the active model's (0 turns the check off).
+        "RETRAIN_MIN_SPECIFICITY": float(_env("RETRAIN_MIN_SPECIFICITY", "0.25")),
         "ADMIN_EMAIL": _env("ADMIN_EMAIL"),
         "ADMIN_PASSWORD": _env("ADMIN_PASSWORD"),
         "SQLALCHEMY_TRACK_MODIFICATIONS": False,

@@ -56,12 +56,15 @@ def _number(metrics: dict | None, key: str) -> float:
 
 
 def promotion_decision(candidate: dict[str, Any], active: dict[str, Any] | None, target_sensitivity: float,
-                       mode: str = "auto") -> PromotionDecision:
+                       mode: str = "auto", min_specificity: float = 0.0) -> PromotionDecision:
     """Whether the candidate becomes active, and why, from locked-test metrics.
 
     ``auto`` promotes only if the candidate's ROC-AUC is not lower than the active
-    model's (no active model: nothing to beat) and its sensitivity at its own threshold
-    is at least ``target_sensitivity``; a metric that could not be computed fails.
+    model's (no active model: nothing to beat), its sensitivity at its own threshold
+    is at least ``target_sensitivity``, and its specificity there is at least
+    ``min_specificity`` or not lower than the active model's (a floor that stops a
+    threshold which calls nearly every case suspicious, without locking out a version
+    that is no worse than the live one); a metric that could not be computed fails.
     ``never`` registers only; ``force`` promotes and lists what the gate would have said.
     """
     if mode not in PROMOTE_MODES:
@@ -76,13 +79,29 @@ def promotion_decision(candidate: dict[str, Any], active: dict[str, Any] | None,
         failures.append("ROC-AUC could not be computed on the locked test set")
     if math.isnan(sens) or sens < target_sensitivity:
         failures.append(f"sensitivity {sens:.3f} at its threshold is below the target {target_sensitivity:.3f}")
+    spec = _number(candidate, "specificity")
+    if min_specificity > 0 and (math.isnan(spec) or spec < min_specificity):
+        active_spec = _number(active, "specificity") if active is not None else float("nan")
+        if math.isnan(spec) or math.isnan(active_spec) or spec < active_spec:
+            also = "" if math.isnan(active_spec) else f" and below the active model's {active_spec:.3f}"
+            failures.append(f"specificity {spec:.3f} at its threshold is below the floor {min_specificity:.3f}{also}: "
+                            f"it would call most cases without cancer suspicious")
     if mode == "never":
         return PromotionDecision(False, ["--promote never: registered only"] + failures)
     if mode == "force":
         return PromotionDecision(True, ["--promote force: gate not applied"] + failures)
     if failures:
         return PromotionDecision(False, failures)
-    return PromotionDecision(True, ["ROC-AUC not lower than the active model's and sensitivity meets the target"])
+    return PromotionDecision(True, ["ROC-AUC not lower than the active model's, sensitivity meets the target"
+                                    + (" and specificity clears the floor" if min_specificity > 0 else "")])
+
+
+def _specificity_floor(value: float | None) -> float:
+    """The gate's specificity floor: ``value``, else the app's RETRAIN_MIN_SPECIFICITY."""
+    floor = current_app.config["RETRAIN_MIN_SPECIFICITY"] if value is None else value
+    if not 0 <= floor <= 1:
+        raise RetrainError(f"the specificity floor must lie between 0 and 1, not {floor}")
+    return float(floor)
 
 
 def _clean(result: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +143,8 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
             init: str = "active", promote: str = "auto", img_size: int | None = None, batch_size: int = 32,
             seed: int = 0, min_reviews: int = 1, consensus_rule: str = "majority",
             target_sensitivity: float | None = None, n_boot: int = 1000, name: str | None = None,
-            actor: User | None = None, feedback_weight: int = 1, group_pattern: str | None = None) -> RetrainOutcome:
+            actor: User | None = None, feedback_weight: int = 1, group_pattern: str | None = None,
+            min_specificity: float | None = None) -> RetrainOutcome:
     """Run the whole loop once and return what happened (see the module docstring).
 
     The new version is registered whatever the decision (with its parent, data
@@ -150,6 +170,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
     if promote not in PROMOTE_MODES:
         raise RetrainError(f"--promote must be one of {', '.join(PROMOTE_MODES)}")
     target = current_app.config["RETRAIN_TARGET_SENSITIVITY"] if target_sensitivity is None else target_sensitivity
+    floor = _specificity_floor(min_specificity)
     store = current_app.extensions["file_store"]
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -177,7 +198,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
     active_metrics = _clean(evaluate_folder(active_path, locked_test, n_boot=n_boot)) if active is not None else None
     report_files = write_report(candidate_eval, work / "report")
     roc_key, _ = store.put((work / "report" / "roc.png").read_bytes(), "reports", ".png")
-    decision = promotion_decision(candidate_metrics, active_metrics, target, promote)
+    decision = promotion_decision(candidate_metrics, active_metrics, target, promote, floor)
 
     meta = dict(load_checkpoint(checkpoint)["meta"])
     meta.update({
@@ -193,7 +214,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
                           "images_with_patient": merge.n_grouped, "patients": merge.n_patients},
         "roc_key": roc_key,
         "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
-                      "target_sensitivity": target},
+                      "target_sensitivity": target, "min_specificity": floor},
     })
     version = _register_and_gate(checkpoint, meta, active, decision, promote, name, actor,
                                  notes=f"retrained from {active.name if active else 'scratch'} with "
@@ -256,7 +277,7 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
                        target_sensitivity: float | None = None, min_reviews: int = 1,
                        consensus_rule: str = "majority", site: str | None = None, n_boot: int = 1000,
                        name: str | None = None, actor: User | None = None,
-                       confidence: float | None = None) -> RecalibrationOutcome:
+                       confidence: float | None = None, min_specificity: float | None = None) -> RecalibrationOutcome:
     """Adapt the active model to this site without retraining: refit its calibration and
     threshold on the reviewed cases (their consensus verdict), register the result as a new
     version (parent: the active one) and put it through the same gate as ``retrain`` on
@@ -271,6 +292,7 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
     if promote not in PROMOTE_MODES:
         raise RetrainError(f"--promote must be one of {', '.join(PROMOTE_MODES)}")
     target = current_app.config["RETRAIN_TARGET_SENSITIVITY"] if target_sensitivity is None else target_sensitivity
+    floor = _specificity_floor(min_specificity)
     store = current_app.extensions["file_store"]
     active = db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
     if active is None:
@@ -291,7 +313,7 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
         raise RetrainError(str(exc)) from None
     candidate_metrics = _clean(evaluate_folder(checkpoint, locked_test, n_boot=n_boot))
     active_metrics = _clean(evaluate_folder(active_path, locked_test, n_boot=n_boot))
-    decision = promotion_decision(candidate_metrics, active_metrics, target, promote)
+    decision = promotion_decision(candidate_metrics, active_metrics, target, promote, floor)
     meta.update({
         "locked_test": dict(candidate_metrics, fingerprint=_folder_fingerprint(locked_test)),
         "compared_with": {"version": active.name, "locked_test": active_metrics},
@@ -299,7 +321,7 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
                           "per_label": dict(Counter(item.label for item in feedback.items)),
                           "feedback_left_out": dict(feedback.left_out), "weights": f"unchanged from {active.name}"},
         "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
-                      "target_sensitivity": target},
+                      "target_sensitivity": target, "min_specificity": floor},
     })
     version = _register_and_gate(checkpoint, meta, active, decision, promote, name, actor,
                                  notes=f"{active.name} recalibrated on {len(feedback.items)} reviewed case(s)"

@@ -65,6 +65,9 @@ def export_feedback_command(out_dir: str, since: str | None, min_reviews: int, r
 @click.option("--min-reviews", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--consensus", "rule", default="majority", show_default=True, type=click.Choice(["majority", "unanimous"]))
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1), help="gate for --promote auto (default RETRAIN_TARGET_SENSITIVITY, 0.90)")
+@click.option("--min-specificity", type=click.FloatRange(0, 1),
+              help="gate for --promote auto: specificity floor at the new threshold on the locked test set, unless "
+                   "not lower than the active model's (default RETRAIN_MIN_SPECIFICITY, 0.25; 0: off)")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="keep the export, merged data and report here (default: a temporary folder)")
 @click.option("--name", help="name of the new version (default v1, v2, ...)")
 @click.option("--feedback-weight", default=1, show_default=True, type=click.IntRange(1, 50),
@@ -73,7 +76,7 @@ def export_feedback_command(out_dir: str, since: str | None, min_reviews: int, r
               "match) names the patient, e.g. '^([A-Z]{4})_'; reviewed DICOM cases are grouped by their patient key "
               "without it. One patient's images stay on one side of the validation split")
 def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size, min_reviews, rule,
-            target_sensitivity, work_dir, name, feedback_weight, group_pattern) -> None:
+            target_sensitivity, min_specificity, work_dir, name, feedback_weight, group_pattern) -> None:
     """Export feedback, merge with base data, train, compare on the locked test set, register, gate."""
     from ml import MLError
     from worker.retrain import RetrainError, comparison_table
@@ -85,7 +88,8 @@ def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size,
                                   promote=promote, img_size=img_size, batch_size=batch_size,
                                   min_reviews=min_reviews, consensus_rule=rule,
                                   target_sensitivity=target_sensitivity, name=name,
-                                  feedback_weight=feedback_weight, group_pattern=group_pattern)
+                                  feedback_weight=feedback_weight, group_pattern=group_pattern,
+                                  min_specificity=min_specificity)
         except (RetrainError, MLError) as exc:
             raise click.ClickException(f"retraining stopped: {exc}") from None
         m = outcome.merge
@@ -127,6 +131,9 @@ def threshold_rule_lines(adaptation: dict, target: float) -> list[str]:
               help="ImageFolder of this site never used for adaptation; the gate compares both versions on it")
 @click.option("--promote", default="auto", show_default=True, type=click.Choice(["auto", "never", "force"]))
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1), help="sensitivity the new threshold is set for (default RETRAIN_TARGET_SENSITIVITY, 0.90)")
+@click.option("--min-specificity", type=click.FloatRange(0, 1),
+              help="gate for --promote auto: specificity floor at the new threshold on the locked test set, unless "
+                   "not lower than the active model's (default RETRAIN_MIN_SPECIFICITY, 0.25; 0: off)")
 @click.option("--min-reviews", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--consensus", "rule", default="majority", show_default=True, type=click.Choice(["majority", "unanimous"]))
 @click.option("--confidence", type=click.FloatRange(0, 1, max_open=True),
@@ -135,7 +142,8 @@ def threshold_rule_lines(adaptation: dict, target: float) -> list[str]:
 @click.option("--site", help="name of the site, recorded with the version")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="keep the export and the checkpoint here")
 @click.option("--name", help="name of the new version (default v1, v2, ...)")
-def recalibrate(locked_test, promote, target_sensitivity, min_reviews, rule, confidence, site, work_dir, name) -> None:
+def recalibrate(locked_test, promote, target_sensitivity, min_specificity, min_reviews, rule, confidence, site, work_dir,
+                name) -> None:
     """Adapt the active model to this site from its reviewed cases: new calibration and threshold, same weights."""
     from ml import MLError
     from worker.retrain import RetrainError, recalibrate_active
@@ -144,7 +152,7 @@ def recalibrate(locked_test, promote, target_sensitivity, min_reviews, rule, con
         try:
             o = recalibrate_active(locked_test, work_dir or scratch, promote=promote, target_sensitivity=target_sensitivity,
                                    min_reviews=min_reviews, consensus_rule=rule, site=site, name=name,
-                                   confidence=confidence)
+                                   confidence=confidence, min_specificity=min_specificity)
         except (RetrainError, MLError) as exc:
             raise click.ClickException(f"recalibration stopped: {exc}") from None
         a = o.site_adaptation

@@ -19,14 +19,15 @@ def model_version(app, name: str = "m1", threshold: float = 0.5, active: bool = 
 
 
 def finished_case(app, version_id: int, probability: float, threshold: float = 0.5, seed: int = 0,
-                  uploader_email: str = "doc@example.org") -> int:
-    """A case with a stored image and a finished prediction; returns the case id."""
+                  uploader_email: str = "doc@example.org", data: bytes | None = None) -> int:
+    """A case with a stored image (``data``, else a random PNG from ``seed``) and a finished
+    prediction; returns the case id."""
     from webapp.accounts import find_user
     from webapp.extensions import db
     from webapp.models import Case, Prediction
 
     with app.app_context():
-        data = image_bytes(size=(40, 32), seed=seed)
+        data = image_bytes(size=(40, 32), seed=seed) if data is None else data
         key, digest = app.extensions["file_store"].put(data, "images", ".png")
         label = "cancer" if probability >= threshold else "normal"
         case = Case(uploader_id=find_user(uploader_email).id, status="done", image_sha256=digest, image_key=key,

@@ -138,3 +138,53 @@ def test_reviewed_cases_the_model_was_trained_on_are_left_out(app, tmp_path, tin
     with app.app_context():
         new = db.session.scalar(select(ModelVersion).where(ModelVersion.parent_id.is_not(None)))
         assert new.meta["site_adaptation"]["left_out_seen"] == 6 and new.meta["site_adaptation"]["n"] == 24
+
+
+def test_the_gate_applies_its_specificity_floor_to_a_site_threshold(app, tmp_path, tiny_checkpoint, run_cli):
+    """`--min-specificity` reaches the gate: a site threshold that gives up specificity
+    against the active version is refused below the floor, the reasons follow the
+    locked-test figures recorded with the version, and the floor is recorded too."""
+    from webapp.extensions import db
+    from webapp.models import ModelVersion
+
+    active_id = register_model(app, tiny_checkpoint, name="base")
+    _reviewed_cases(app, active_id, n_malignant=8, n_other=16)
+    locked = make_folder(tmp_path / "locked", n_per_class=6, classes=("malignant", "normal"), seed=5)
+
+    def gate(name):
+        with app.app_context():
+            v = db.session.scalar(select(ModelVersion).where(ModelVersion.name == name))
+            return (v.meta["promotion"], v.meta["locked_test"]["specificity"],
+                    v.meta["compared_with"]["locked_test"]["specificity"], v.is_active)
+
+    # the base model's threshold (0.5) calls every locked-test image suspicious: specificity 0,
+    # so a stricter site threshold can only be as specific or more, and the floor never bites
+    first = run_cli("recalibrate", "--locked-test", locked, "--target-sensitivity", 0.5, "--min-specificity", 1,
+                    "--name", "strict")
+    assert first.exit_code == 0, first.output
+    promotion, spec, active_spec, _ = gate("strict")
+    assert promotion["min_specificity"] == 1.0 and active_spec == 0.0 and spec >= active_spec
+    assert not any("specificity" in r for r in promotion["reasons"])
+    assert run_cli("models", "promote", "strict", "--force").exit_code == 0
+    # Cancers the model cannot see: reviewers call six lesion-free scans malignant. A threshold
+    # that must keep them lies among the locked test set's normal images and gives specificity
+    # away against the active version: refused below the floor.
+    blind = make_folder(tmp_path / "blind", n_per_class=6, classes=("normal",), seed=9)
+    for i, path in enumerate(sorted((blind / "normal").glob("*.png"))):
+        case_id = finished_case(app, active_id, 0.8, seed=500 + i, data=path.read_bytes())
+        review(app, case_id, "rev@example.org", "agree", "malignant")
+    second = run_cli("recalibrate", "--locked-test", locked, "--target-sensitivity", 0.9, "--min-specificity", 1,
+                     "--name", "loose")
+    assert second.exit_code == 0, second.output
+    promotion, spec, active_spec, active = gate("loose")
+    assert spec < active_spec and not active, second.output
+    assert f"specificity {spec:.3f} at its threshold is below the floor 1.000 and below the active model's " \
+           f"{active_spec:.3f}" in second.output
+    # the floor off: the same adaptation passes on what is left of the gate
+    third = run_cli("recalibrate", "--locked-test", locked, "--target-sensitivity", 0.9, "--min-specificity", 0,
+                    "--name", "unfloored")
+    promotion, *_ = gate("unfloored")
+    assert third.exit_code == 0 and promotion["min_specificity"] == 0.0
+    assert not any("specificity" in r for r in promotion["reasons"]), third.output
+    bad = run_cli("recalibrate", "--locked-test", locked, "--min-specificity", 1.5)
+    assert bad.exit_code == 2 and "1.5 is not in the range" in bad.output

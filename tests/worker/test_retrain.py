@@ -36,6 +36,27 @@ def test_promotion_gate(candidate, active, mode, promote):
         promotion_decision(candidate, active, 0.9, "maybe")
 
 
+@pytest.mark.parametrize("candidate_spec, active_spec, promote", [
+    (0.40, 0.70, True),     # above the floor, though less specific than the active model
+    (0.06, 0.67, False),    # a threshold under a model-blind cancer: flags nearly every case
+    (0.20, 0.15, True),     # below the floor but no worse than the live model
+    (0.20, None, False),    # below the floor, nothing to compare with
+    (None, 0.60, False),    # not computable
+])
+def test_promotion_gate_specificity_floor(candidate_spec, active_spec, promote):
+    candidate = {"roc_auc": 0.85, "sensitivity": 0.95, "specificity": candidate_spec}
+    active = {"roc_auc": 0.85, "specificity": active_spec}
+    decision = promotion_decision(candidate, active, 0.90, "auto", min_specificity=0.25)
+    assert decision.promote is promote, decision.reasons
+    if candidate_spec == 0.06:
+        assert decision.reasons == ["specificity 0.060 at its threshold is below the floor 0.250 and below the "
+                                    "active model's 0.670: it would call most cases without cancer suspicious"]
+    # the floor off (0) leaves the old gate; force still promotes and says why
+    assert promotion_decision(candidate, active, 0.90, "auto", min_specificity=0.0).promote
+    forced = promotion_decision(candidate, active, 0.90, "force", min_specificity=0.25)
+    assert forced.promote and (promote or any("specificity" in r for r in forced.reasons))
+
+
 # ------------------------------------------------------------------ the loop
 
 def _png(img) -> bytes:
