@@ -196,7 +196,7 @@ def ensemble(data: str, out: str, target_sensitivity: float | None, threshold_co
     from ml.ensemble import combine
 
     meta = combine(list(members), data, out, target_sensitivity=target_sensitivity, device=device,
-                   threshold_confidence="members" if threshold_confidence is None else threshold_confidence)["meta"]
+                   threshold_confidence=threshold_confidence)["meta"]
     for row in meta["ensemble"]["members"]:
         click.echo(f"member {row['file']} (seed {row['seed']}, epoch {row['epoch']}): val roc_auc {row['val_roc_auc']:.3f}")
     m = meta["val_metrics"]["at_threshold"]

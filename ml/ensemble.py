@@ -156,12 +156,12 @@ def check_members(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> None
 
 def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
             target_sensitivity: float | None = None, device: str | None = None,
-            half: bool | None = None, threshold_confidence: float | None | str = "members") -> dict[str, Any]:
+            half: bool | None = None, threshold_confidence: float | None = None) -> dict[str, Any]:
     """Write ``out``: the ensemble of the member checkpoints ``paths``, with a Platt calibration
     and an operating threshold (for ``target_sensitivity``, default the members') fitted on
     their shared validation part of ``data`` (the folder they were trained on), by the
-    members' threshold rule (their ``threshold_confidence``) unless ``threshold_confidence``
-    is given (None or 0: the in-sample rule).
+    threshold rule ``threshold_confidence`` (0: the in-sample rule; None: the members' own,
+    as recorded in their metadata).
 
     Returns ``{"meta": .., "val_paths": .., "checkpoint": ..}``: the new metadata (its
     ``val_metrics`` holds the ensemble's validation figures and ``ensemble.members`` each
@@ -196,7 +196,7 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     target = float(target_sensitivity if target_sensitivity is not None else first.get("target_sensitivity", 0.90))
     calibration = fit_platt(logits, y)
     probs = calibrated(logits, calibration)
-    confidence = first.get("threshold_confidence") if threshold_confidence == "members" else threshold_confidence
+    confidence = first.get("threshold_confidence") if threshold_confidence is None else threshold_confidence
     threshold = threshold_for_sensitivity(y, probs, target, confidence or None)
     at_op = operating_point(y, probs, threshold, target)
     at_op["ece"] = expected_calibration_error(y, probs)

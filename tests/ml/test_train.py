@@ -245,3 +245,19 @@ def test_snapshot_epochs_are_written_beside_the_best_and_combine_into_an_ensembl
     # one run, one split: its snapshots are an ensemble's members as they stand
     ensemble = combine([out, *snaps], tiny_folder, tmp_path / "snap.pt")["meta"]
     assert [m["epoch"] for m in ensemble["ensemble"]["members"]] == [result["best_epoch"], 2, 3]
+    assert ensemble["threshold_confidence"] is None  # the members' rule: in-sample
+
+
+def test_an_ensemble_keeps_its_members_threshold_rule_unless_told_otherwise(tiny_folder, tmp_path):
+    from ml.ensemble import combine
+
+    members = []
+    for seed in (0, 1):
+        members.append(tmp_path / f"m{seed}.pt")
+        fit(config(tiny_folder, members[-1], epochs=1, seed=seed, split_seed=0, target_sensitivity=0.75,
+                   threshold_confidence=0.5))
+    rule = {c: combine(members, tiny_folder, tmp_path / f"e{c}.pt", threshold_confidence=c)["meta"]
+            for c in (None, 0, 0.8)}
+    assert [rule[c]["threshold_confidence"] for c in (None, 0, 0.8)] == [0.5, None, 0.8]
+    # a surer rule never lifts the threshold
+    assert rule[0]["threshold"] >= rule[None]["threshold"] >= rule[0.8]["threshold"]
