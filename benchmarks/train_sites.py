@@ -127,6 +127,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
                       erase_lesions=args.erase_lesions if masks else 0.0,
                       mixstyle=args.mixstyle, randconv=args.randconv,
                       layer4_stride=args.layer4_stride, aspect_augment=args.aspect_augment,
+                      input_norm=args.input_norm,
                       group_pattern=PATIENT_PATTERN if "bus-uclm" in train_sites else None,
                       resize=RESIZE_NAMES[args.resize])
     t0 = time.perf_counter()
@@ -138,6 +139,7 @@ def run(train_sites: list[str], test_sites: list[str], args, work: Path) -> dict
               "erase_lesions": args.erase_lesions if masks else 0.0,
               "mixstyle": args.mixstyle, "randconv": args.randconv,
               "layer4_stride": args.layer4_stride, "aspect_augment": args.aspect_augment,
+              "input_norm": args.input_norm,
               "resize": RESIZE_NAMES[args.resize], "schedule": f"{args.epochs} epoch(s), fixed" if args.epochs
               else f"as many epochs as {args.minutes:g} min allow", "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
               "epochs_run": len(result["history"])}
@@ -153,6 +155,7 @@ def ensemble_report(meta: dict) -> dict:
             "masks": bool(args.get("masks")), "mask_weight": args.get("mask_weight", 0.0),
             "mixstyle": args.get("mixstyle", 0.0), "randconv": args.get("randconv", 0.0),
             "layer4_stride": meta.get("layer4_stride"), "aspect_augment": args.get("aspect_augment", 1.0),
+            "input_norm": meta.get("input_norm") or "fixed",
             "resize": meta.get("resize"), "minutes": 0.0,
             "schedule": f"ensemble of {len(members)}: " + ", ".join(
                 f"seed {m.get('seed')} ({args.get('epochs')} epochs)" for m in members),
@@ -184,6 +187,7 @@ def show(report: dict) -> None:
                               (f"MixStyle at p {report.get('mixstyle')}", report.get("mixstyle")),
                               (f"RandConv at p {report.get('randconv')}", report.get("randconv")),
                               ("layer4 stride 1", report.get("layer4_stride") == 1),
+                              ("each image standardised", report.get("input_norm") == "image"),
                               ("letterboxed input", report.get("resize") == "letterbox-bilinear"),
                               (f"aspect augmentation {report.get('aspect_augment')}",
                                (report.get("aspect_augment") or 1.0) > 1.0)) if on]
@@ -225,6 +229,8 @@ def main() -> None:
     ap.add_argument("--aspect-augment", type=float, default=1.0,
                     help="random width/height stretch up to this ratio (1 = off)")
     ap.add_argument("--layer4-stride", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--input-norm", default="fixed", choices=("fixed", "image"),
+                    help="image: standardise each image to its own mean and spread first (as train --input-norm)")
     ap.add_argument("--resize", default="squash", choices=sorted(RESIZE_NAMES),
                     help="squash each image to the square input, or letterbox it (shape kept; as train --resize)")
     ap.add_argument("--loso", action="store_true", help="leave-one-site-out: one run per held-out site")

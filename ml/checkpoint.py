@@ -149,9 +149,10 @@ def model_from_payload(payload: dict[str, Any], path: str | Path, device: str | 
     num_outputs = int(meta.get("num_outputs") or 1)
     positive = positive_outputs(meta) if num_outputs > 1 else None
     stride = int(meta.get("layer4_stride") or 2)
+    norm = meta.get("input_norm") or "fixed"
     try:
-        model = (build_ensemble(ensemble_size(meta), num_outputs, positive, stride) if meta.get("ensemble")
-                 else build_model("none", num_outputs, positive, stride))
+        model = (build_ensemble(ensemble_size(meta), num_outputs, positive, stride, norm) if meta.get("ensemble")
+                 else build_model("none", num_outputs, positive, stride, norm))
     except MLError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # What every member must share for their outputs to be averaged and explained together.
 SHARED_META = ("architecture", "num_outputs", "class_names", "positive_classes", "labels", "input_size",
-               "resize", "mean", "std", "layer4_stride")
+               "resize", "mean", "std", "layer4_stride", "input_norm")
 
 
 class _SideBySide(nn.Module):
@@ -111,11 +111,12 @@ class EnsembleNet(nn.Module):
         return features_and_logits(self, x)[1]
 
 
-def build_ensemble(n_members: int, num_outputs: int, positive: tuple[int, ...] | None, stride: int) -> EnsembleNet:
+def build_ensemble(n_members: int, num_outputs: int, positive: tuple[int, ...] | None, stride: int,
+                   input_norm: str = "fixed") -> EnsembleNet:
     """An ensemble of ``n_members`` randomly initialised ResNet18s (weights are loaded after)."""
     from ml.model import build_model
 
-    return EnsembleNet([build_model("none", num_outputs, positive, stride) for _ in range(n_members)])
+    return EnsembleNet([build_model("none", num_outputs, positive, stride, input_norm) for _ in range(n_members)])
 
 
 def _union_seen(metas: Sequence[dict[str, Any]]) -> dict[str, list[str]] | None:
@@ -248,7 +249,8 @@ def split_members(payload: dict[str, Any], folder: str | Path) -> list[Path]:
     folder = Path(folder)
     written = []
     for k, row in enumerate(rows):
-        network = build_model("none", num_outputs, positive, int(meta.get("layer4_stride") or 2))
+        network = build_model("none", num_outputs, positive, int(meta.get("layer4_stride") or 2),
+                              meta.get("input_norm") or "fixed")
         network.load_state_dict({key: v.float() for key, v in member_state(payload["state_dict"], k).items()})
         member_meta = {key: v for key, v in meta.items() if key not in ("ensemble", "created_at", "stored_dtype")}
         member_meta.update(seed=row.get("seed"), epoch=row.get("epoch"))

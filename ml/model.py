@@ -25,7 +25,8 @@ class WeightsUnavailableError(MLError):
 
 
 def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
-                positive_outputs: tuple[int, ...] | None = None, layer4_stride: int = 2) -> nn.Module:
+                positive_outputs: tuple[int, ...] | None = None, layer4_stride: int = 2,
+                input_norm: str = "fixed") -> nn.Module:
     """Return ResNet18 with its 1000-way fc replaced by ``num_outputs`` logits.
 
     ``weights`` is ``"none"`` (random init), ``"imagenet"`` (torchvision's weights API;
@@ -37,6 +38,8 @@ def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
 
     ``layer4_stride=1`` keeps layer4 at layer3's resolution (8 x 8 instead of 4 x 4 at a
     128 px input; see :func:`set_layer4_stride`). The weights are the same either way.
+    ``input_norm="image"`` standardises each input image to its own mean and spread first
+    (:func:`set_input_norm`).
     """
     if num_outputs < 1 or num_outputs == 2:
         raise MLError("num_outputs must be 1 (binary) or the number of classes (3 or more)")
@@ -52,7 +55,41 @@ def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
         _load_local_weights(model, Path(spec))
     set_positive_outputs(model, positive_outputs if num_outputs > 1 else (0,))
     set_layer4_stride(model, layer4_stride)
+    set_input_norm(model, input_norm)
     return model
+
+
+# How the network sees an image's intensities (a checkpoint's ``input_norm``): "fixed", the
+# dataset-wide normalisation alone (ImageNet mean and std); "image", also each image
+# standardised to zero mean and unit spread per channel, so a scanner's overall gain and
+# contrast (which differ by site) do not reach the features.
+INPUT_NORMS = ("fixed", "image")
+
+
+class ImageStandardisedConv2d(nn.Conv2d):
+    """ResNet's first convolution, applied to each image standardised to zero mean and unit
+    standard deviation per channel over its pixels. The parameters (and their names in a
+    state dict) are the plain convolution's."""
+
+    eps = 1e-5   # a flat image (no spread) stays finite
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True)
+        return super().forward((x - mean) * torch.rsqrt(var + self.eps))
+
+
+def set_input_norm(model: nn.Module, mode: str) -> None:
+    """Make ``model.conv1`` standardise each image first (``"image"``) or not (``"fixed"``);
+    the weights are kept (a checkpoint records the mode in ``input_norm``)."""
+    if mode not in INPUT_NORMS:
+        raise MLError(f"input normalisation must be one of {', '.join(INPUT_NORMS)}, not {mode!r}")
+    old = model.conv1
+    cls = ImageStandardisedConv2d if mode == "image" else nn.Conv2d
+    if type(old) is not cls:
+        new = cls(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+        new.weight = old.weight
+        model.conv1 = new
+    model.input_norm = mode
 
 
 def set_layer4_stride(model: nn.Module, stride: int) -> None:

@@ -74,6 +74,7 @@ class TrainConfig:
     mixstyle: float = 0.0             # probability per batch of mixing feature styles after layer1 and layer2 (ml.augment.mix_styles)
     randconv: float = 0.0             # probability per image of a random-filter texture (ml.augment.random_convolution)
     layer4_stride: int | None = None  # 1: an 8 x 8 last feature map at 128 px; None: the start weights' (else 2)
+    input_norm: str | None = None     # "image": each image standardised first (ml.model.INPUT_NORMS); None: the start weights' (else "fixed")
     resize: str | None = None         # "square-bilinear" or "letterbox-bilinear" (ml.data.RESIZE_MODES); None: the start weights' (else square)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
     time_limit_min: float | None = None
@@ -320,10 +321,10 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
                      positive_classes: list[str], val_metrics: dict, threshold: float,
                      split: dict, epoch: int, history: list[EpochLog], num_outputs: int = 1,
                      calibration: dict | None = None, seen_images: dict | None = None,
-                     layer4_stride: int = 2) -> dict[str, Any]:
+                     layer4_stride: int = 2, input_norm: str = "fixed") -> dict[str, Any]:
     return {
         "architecture": "resnet18", "num_outputs": num_outputs, "calibration": calibration,
-        "layer4_stride": layer4_stride,
+        "layer4_stride": layer4_stride, "input_norm": input_norm,
         "seen_images": seen_images,
         "class_names": class_names, "positive_classes": positive_classes,
         "labels": list(LABEL_NAMES), "input_size": cfg.img_size,
@@ -361,6 +362,12 @@ def weights_layer4_stride(weights: str) -> int:
     """The layer4 stride of the starting weights when they are one of our checkpoints (a
     fine-tune keeps its parent's geometry), else torchvision's 2."""
     return int(start_meta(weights).get("layer4_stride") or 2)
+
+
+def weights_input_norm(weights: str) -> str:
+    """The input normalisation of the starting weights when they are one of our checkpoints
+    (a fine-tune sees images as its parent did), else "fixed"."""
+    return start_meta(weights).get("input_norm") or "fixed"
 
 
 def resize_mode(cfg: TrainConfig) -> str:
@@ -442,7 +449,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     x_val, y_val = cache.images[val_idx], cache.targets[val_idx]
     y_val_labels = labels[val_idx]
     stride = cfg.layer4_stride or weights_layer4_stride(cfg.weights)
-    model = build_model(cfg.weights, num_outputs, positive_idx if several else None, stride)
+    input_norm = cfg.input_norm or weights_input_norm(cfg.weights)
+    model = build_model(cfg.weights, num_outputs, positive_idx if several else None, stride, input_norm)
     masks, has_mask = (load_masks(cache.paths, cfg.masks, cache.images.shape[-1], cache.resize)
                        if cfg.masks else (None, None))
     if has_mask is not None:
@@ -531,7 +539,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                 trained_on = seen_images(cache, np.concatenate([train_idx, val_idx]))
             meta = _checkpoint_meta(cfg, cache, fingerprint, class_names, positive_classes,
                                     val_metrics, threshold, split_info, epoch, history, num_outputs,
-                                    calibration, trained_on, layer4_stride=stride)
+                                    calibration, trained_on, layer4_stride=stride, input_norm=input_norm)
             if epoch in cfg.snapshot_epochs:
                 save_checkpoint(snapshot_path(out, epoch), scored, meta)
             if improved:

@@ -143,6 +143,8 @@ def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
     grid = max(1, size // (16 * stride))
     recipe = {"input": f"{size} × {size} px, {RESIZE_WORDS.get(resize, resize)}",
               "last_feature_grid": f"{grid} × {grid} (layer4 stride {stride})"}
+    if meta.get("input_norm") == "image":
+        recipe["intensity"] = "each image standardised to its own mean and spread (scanner gain and contrast removed)"
     args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     if args.get("masks"):
         margin = args.get("mask_margin") or 0

@@ -132,3 +132,49 @@ def test_predictor_batches_give_the_same_answer(saved, tmp_path):
     batched = p.predict(images, batch_size=2)
     assert [r.probability for r in batched] == pytest.approx([r.probability for r in one_by_one], abs=1e-5)
     assert all(r.label == ("cancer" if r.probability >= 0.3 else "normal") for r in batched)
+
+
+def test_image_standardised_input_ignores_a_scanner_gain_and_contrast():
+    """input_norm "image": the same image at another overall gain and contrast gives the same
+    output; the fixed normalisation does not. The weights and their names are unchanged."""
+    from ml.model import ImageStandardisedConv2d, build_model, set_input_norm
+
+    torch.manual_seed(0)
+    plain = build_model("none", 3, (2,)).eval()
+    standardised = build_model("none", 3, (2,), input_norm="image").eval()
+    standardised.load_state_dict(plain.state_dict())  # same parameter names
+    assert isinstance(standardised.conv1, ImageStandardisedConv2d) and standardised.input_norm == "image"
+    x = torch.rand(2, 3, 64, 64)
+    brighter = 1.4 * x + 0.3   # more contrast and gain, as another scanner's settings
+    with torch.inference_mode():
+        assert torch.allclose(standardised(x), standardised(brighter), atol=1e-3)
+        assert (plain(x) - plain(brighter)).abs().max() > 1e-2
+    set_input_norm(standardised, "fixed")
+    with torch.inference_mode():
+        assert torch.allclose(standardised(x), plain(x), atol=1e-5)
+    with pytest.raises(Exception, match="input normalisation must be one of fixed, image"):
+        build_model("none", input_norm="percentile")
+
+
+def test_input_norm_travels_with_the_checkpoint_and_a_fine_tune(tiny_folder, tmp_path):
+    from ml.inference import Predictor
+    from ml.model import ImageStandardisedConv2d
+    from ml.train import TrainConfig, fit
+
+    out = tmp_path / "m.pt"
+    fit(TrainConfig(data=str(tiny_folder), out=str(out), epochs=1, img_size=32, batch_size=8, progress=False,
+                    group_duplicates=False, input_norm="image"))
+    assert load_checkpoint(out)["meta"]["input_norm"] == "image"
+    predictor = Predictor.from_checkpoint(out, "cpu")
+    assert isinstance(predictor.model.conv1, ImageStandardisedConv2d)
+    # the heatmap paths run through it (Grad-CAM and the deletion test)
+    from ml.explain import explain_images
+    image = next((tiny_folder / "cancer").glob("*.png"))
+    result = explain_images(predictor, [image])[0]
+    assert np.isfinite(result.heatmap).all() and result.faithfulness is not None
+    assert result.probability == pytest.approx(predictor.predict([image])[0].probability, abs=1e-6)
+    # a fine-tune from it sees images as its parent did, unless told otherwise
+    tuned = tmp_path / "tuned.pt"
+    fit(TrainConfig(data=str(tiny_folder), out=str(tuned), epochs=1, img_size=32, batch_size=8, progress=False,
+                    group_duplicates=False, weights=str(out)))
+    assert load_checkpoint(tuned)["meta"]["input_norm"] == "image"

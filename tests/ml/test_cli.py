@@ -83,10 +83,12 @@ def test_train_snapshot_epochs_and_threshold_confidence_reach_the_checkpoints(tm
     model = tmp_path / "m.pt"
     args = ["train", "--data", str(data), "--out", str(model), "--epochs", "2", "--img-size", "32", "--batch-size", "4",
             "--no-group-duplicates", "--quiet"]
-    result = CliRunner().invoke(cli, args + ["--snapshot-epochs", "1,2", "--threshold-confidence", "0.5"])
+    result = CliRunner().invoke(cli, args + ["--snapshot-epochs", "1,2", "--threshold-confidence", "0.5",
+                                             "--input-norm", "image"])
     assert result.exit_code == 0, result.output
     assert [load_checkpoint(tmp_path / f"m.e{e}.pt")["meta"]["epoch"] for e in (1, 2)] == [1, 2]
     assert load_checkpoint(model)["meta"]["threshold_confidence"] == 0.5
+    assert load_checkpoint(model)["meta"]["input_norm"] == "image"
     bad = CliRunner().invoke(cli, args + ["--snapshot-epochs", "forty"])
     assert bad.exit_code == 2 and "comma-separated list of epoch numbers" in bad.output
 

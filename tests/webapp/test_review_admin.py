@@ -21,7 +21,7 @@ def test_model_card_page_and_roc_image(app, client):
                                                         "n_positive": 8, "sensitivity": 0.875},
                         "compared_with": {"version": "v1", "locked_test": {"roc_auc": 0.75}},
                         "training_data": {"n_base": 32, "n_feedback": 4},
-                        "input_size": 128, "resize": "letterbox-bilinear", "layer4_stride": 1,
+                        "input_size": 128, "resize": "letterbox-bilinear", "layer4_stride": 1, "input_norm": "image",
                         "args": {"masks": "/data/masks", "mask_weight": 1.0, "mixstyle": 0.0, "randconv": 0.5},
                         "ensemble": {"members": [{"seed": 0, "epoch": 33}, {"seed": 1, "epoch": 70}]},
                         "promotion": {"mode": "auto", "promote": False, "reasons": ["sensitivity below"]}}
@@ -35,6 +35,7 @@ def test_model_card_page_and_roc_image(app, client):
     assert "128 × 128 px, letterboxed" in page and "8 × 8 (layer4 stride 1)" in page
     assert "radiologists&#39; outlines (weight 1)" in page and "mixstyle" not in page   # MixStyle was off
     assert "p 0.5 (random-filter textures blended into training images)" in page
+    assert "each image standardised to its own mean and spread" in page
     assert "2 networks trained alike (seeds 0, 1; best epochs 33, 70), their outputs averaged" in page
     roc = client.get("/admin/models/v2/roc.png")
     assert roc.status_code == 200 and roc.mimetype == "image/png"
