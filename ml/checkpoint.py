@@ -121,6 +121,15 @@ def positive_outputs(meta: dict[str, Any]) -> tuple[int, ...]:
     return tuple(i for i, c in enumerate(names) if c in wanted)
 
 
+def network_shape(meta: dict[str, Any]) -> tuple[int, tuple[int, ...] | None, int, str]:
+    """What :func:`ml.model.build_model` needs, besides weights, to rebuild a checkpoint's
+    network: (num_outputs, positive outputs, layer4 stride, input normalisation), with the
+    defaults of checkpoints written before each was recorded."""
+    num_outputs = int(meta.get("num_outputs") or 1)
+    positive = positive_outputs(meta) if num_outputs > 1 else None
+    return num_outputs, positive, int(meta.get("layer4_stride") or 2), meta.get("input_norm") or "fixed"
+
+
 def ensemble_size(meta: dict[str, Any]) -> int:
     """How many networks an ensemble checkpoint holds (1 for a single network)."""
     members = (meta.get("ensemble") or {}).get("members") or []
@@ -146,13 +155,10 @@ def model_from_payload(payload: dict[str, Any], path: str | Path, device: str | 
     from ml.model import build_model
 
     meta = payload["meta"]
-    num_outputs = int(meta.get("num_outputs") or 1)
-    positive = positive_outputs(meta) if num_outputs > 1 else None
-    stride = int(meta.get("layer4_stride") or 2)
-    norm = meta.get("input_norm") or "fixed"
     try:
-        model = (build_ensemble(ensemble_size(meta), num_outputs, positive, stride, norm) if meta.get("ensemble")
-                 else build_model("none", num_outputs, positive, stride, norm))
+        shape = network_shape(meta)
+        model = (build_ensemble(ensemble_size(meta), *shape) if meta.get("ensemble")
+                 else build_model("none", *shape))
     except MLError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}

@@ -237,20 +237,18 @@ def split_members(payload: dict[str, Any], folder: str | Path) -> list[Path]:
     """Write each network of an ensemble checkpoint's ``payload`` (:func:`load_checkpoint`) to
     ``folder`` as a checkpoint of its own (the ensemble's metadata, less ``ensemble``, with the
     member's seed and epoch)."""
-    from ml.checkpoint import positive_outputs
+    from ml.checkpoint import network_shape
     from ml.model import build_model
 
     meta = payload["meta"]
     rows = (meta.get("ensemble") or {}).get("members") or []
     if len(rows) < 2:
         raise MLError("not an ensemble checkpoint: it lists no members")
-    num_outputs = int(meta.get("num_outputs") or 1)
-    positive = positive_outputs(meta) if num_outputs > 1 else None
+    shape = network_shape(meta)
     folder = Path(folder)
     written = []
     for k, row in enumerate(rows):
-        network = build_model("none", num_outputs, positive, int(meta.get("layer4_stride") or 2),
-                              meta.get("input_norm") or "fixed")
+        network = build_model("none", *shape)
         network.load_state_dict({key: v.float() for key, v in member_state(payload["state_dict"], k).items()})
         member_meta = {key: v for key, v in meta.items() if key not in ("ensemble", "created_at", "stored_dtype")}
         member_meta.update(seed=row.get("seed"), epoch=row.get("epoch"))
