@@ -574,6 +574,13 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not low <= value <= high:
             raise MLError(f"{name} {value!r} is out of range ({low:g} to {high:g})")
+    from ml.model import INPUT_NORMS
+
+    choices = {"input_norm": (None, *INPUT_NORMS), "layer4_stride": (None, 1, 2)}
+    for name, allowed in choices.items():  # before the images are read, not when the network is built
+        if getattr(cfg, name) not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise MLError(f"{name} {getattr(cfg, name)!r} is not one of {shown}")
 
 
 @dataclass

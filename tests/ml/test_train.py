@@ -228,6 +228,14 @@ def test_options_out_of_range_fail_before_training(tiny_folder, tmp_path, option
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.parametrize("option, value", [("input_norm", "per-image"), ("layer4_stride", 3)])
+def test_a_wrong_choice_fails_before_the_images_are_read(tmp_path, option, value):
+    # the folder does not exist: the choice must be refused before anything looks for it
+    with pytest.raises(MLError, match=f"{option} {value!r} is not one of"):
+        fit(config(tmp_path / "absent", tmp_path / "m.pt", **{option: value}))
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_snapshot_epochs_are_written_beside_the_best_and_combine_into_an_ensemble(tiny_folder, tmp_path):
     from ml.ensemble import combine
     from ml.train import snapshot_path
