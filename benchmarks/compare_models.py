@@ -9,7 +9,7 @@ For each model, on every image of ``../shared/data/SITE``: ROC-AUC (malignant vs
 95 % interval that resamples patients, sensitivity and specificity at the model's stored
 threshold, and ECE (15 bins). For each model after the first, the paired difference in
 ROC-AUC against the first, with its patient-bootstrap interval (the same resampled patients
-for both models, so the shared difficulty of the images cancels out).
+for both models, so the shared difficulty of the images cancels out), and the same for ECE.
 
 ``--ensemble`` adds the mean of the models' calibrated log-odds (a quick estimate of what an
 ensemble of the checkpoints would score), against the first model and against the mean single
@@ -62,15 +62,21 @@ def scores(model_path: str, site: str, mirror: bool) -> dict:
     return out
 
 
+def ece(y: np.ndarray, p: np.ndarray) -> float:
+    return expected_calibration_error(y, p, 15)
+
+
 def line(label: str, y: np.ndarray, p: np.ndarray, groups: list[str], threshold: float,
          baseline: np.ndarray | None = None) -> str:
     lo, hi = patient_bootstrap(y, p, groups)
     m = summarise(y, p, threshold)
     text = (f"  {label:44} {roc_auc(y, p):.3f} ({lo:.3f}-{hi:.3f})  {m['sensitivity']:.3f} / {m['specificity']:.3f}"
-            f"  {expected_calibration_error(y, p, 15):.3f}")
+            f"  {ece(y, p):.3f}")
     if baseline is not None:
         d_lo, d_hi = patient_bootstrap(y, p, groups, baseline=baseline)
         text += f"  {roc_auc(y, p) - roc_auc(y, baseline):+.3f} ({d_lo:+.3f} to {d_hi:+.3f})"
+        e_lo, e_hi = patient_bootstrap(y, p, groups, baseline=baseline, metric=ece)
+        text += f"  ECE {ece(y, p) - ece(y, baseline):+.3f} ({e_lo:+.3f} to {e_hi:+.3f})"
     return text
 
 
@@ -101,7 +107,7 @@ def main() -> None:
     groups = [patient_of(Path(p), args.site) for p in runs[0]["paths"]]
     base = runs[0]["p"]
     print(f"{SITES[args.site]}: {len(y)} images ({int(y.sum())} malignant) of {len(set(groups))} patients")
-    print(f"  {'model':44} {'ROC-AUC (95% CI)':>21}  {'sens / spec':>13}  {'ECE':>5}  paired against {runs[0]['name']}")
+    print(f"  {'model':44} {'ROC-AUC (95% CI)':>21}  {'sens / spec':>13}  {'ECE':>5}  paired against {runs[0]['name']}: ROC-AUC, ECE")
     for i, run in enumerate(runs):
         print(line(run["name"], y, run["p"], groups, run["threshold"], base if i else None))
         if args.mirror:

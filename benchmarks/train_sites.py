@@ -77,9 +77,10 @@ def patient_of(path: Path, site: str) -> str:
 
 
 def patient_bootstrap(y: np.ndarray, p: np.ndarray, groups: list[str], n_boot: int = 1000, seed: int = 0,
-                      baseline: np.ndarray | None = None):
-    """95 % percentile interval of ROC-AUC resampling whole patients with replacement; with
-    ``baseline`` (other scores of the same images), of the paired difference AUC(p) - AUC(baseline)."""
+                      baseline: np.ndarray | None = None, metric=roc_auc):
+    """95 % percentile interval of ``metric`` (ROC-AUC) resampling whole patients with
+    replacement; with ``baseline`` (other scores of the same images), of the paired difference
+    metric(p) - metric(baseline)."""
     rng = np.random.default_rng(seed)
     ids = sorted(set(groups))
     members = {g: np.flatnonzero(np.array(groups) == g) for g in ids}
@@ -87,7 +88,7 @@ def patient_bootstrap(y: np.ndarray, p: np.ndarray, groups: list[str], n_boot: i
     for _ in range(n_boot):
         idx = np.concatenate([members[g] for g in rng.choice(ids, len(ids))])
         if 0 < y[idx].sum() < len(idx):
-            values.append(roc_auc(y[idx], p[idx]) - (roc_auc(y[idx], baseline[idx]) if baseline is not None else 0.0))
+            values.append(metric(y[idx], p[idx]) - (metric(y[idx], baseline[idx]) if baseline is not None else 0.0))
     return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
 
 
