@@ -163,6 +163,22 @@ def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
     return recipe
 
 
+def _calibration(meta: dict[str, Any]) -> str | None:
+    """What the probability was calibrated on, with its case mix: a Platt fit carries the share
+    of cancers it saw into every probability, so a site whose mix differs is told to recalibrate."""
+    calibration = meta.get("calibration")
+    if not (isinstance(calibration, dict) and calibration.get("method")):
+        return None
+    n, positive = calibration.get("n"), calibration.get("n_positive")
+    mix = f" ({positive} malignant, {positive / n:.0%})" if isinstance(n, int) and isinstance(positive, int) and n else ""
+    site = meta.get("site_adaptation")
+    if isinstance(site, dict):
+        return f"{calibration['method']} on {n if n is not None else '?'} reviewed cases of {site.get('site') or 'this site'}{mix}"
+    return (f"{calibration['method']} on {n if n is not None else '?'} validation images{mix} of the training sites: "
+            "the probabilities assume their case mix; a site with another recalibrates on its reviewed cases "
+            "(manage.py recalibrate)")
+
+
 def _training(meta: dict[str, Any]) -> dict[str, Any]:
     training = dict(meta.get("training_data") or {})
     fingerprint = meta.get("data_fingerprint")
@@ -175,9 +191,9 @@ def _training(meta: dict[str, Any]) -> dict[str, Any]:
         training.setdefault("sites", "; ".join(meta["training_sites"]))
     if meta.get("epoch") is not None:
         training.setdefault("epoch", meta["epoch"])
-    calibration = meta.get("calibration")
-    if isinstance(calibration, dict) and calibration.get("method"):
-        training.setdefault("calibration", f"{calibration['method']} on {calibration.get('n', '?')} validation images")
+    calibration = _calibration(meta)
+    if calibration:
+        training.setdefault("calibration", calibration)
     for key, value in _recipe(meta).items():
         training.setdefault(key, value)
     return {k: v for k, v in training.items() if v not in (None, "")}

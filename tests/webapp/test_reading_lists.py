@@ -316,7 +316,11 @@ def test_model_card_one_metric_a_row_integers_and_the_demo_models_test_figures(p
             metrics={"roc_auc": 0.8636, "sensitivity": 0.9057, "specificity": 0.6341, "n": 176.0, "n_positive": 53.0},
             meta={"training_sites": ["busi (Egypt, CC BY 4.0)"], "epoch": 32, "target_sensitivity": 0.9,
                   "data_fingerprint": {"n_files": 879, "n_positive": 266, "classes": ["benign", "malignant", "normal"]},
-                  "calibration": {"method": "platt", "n": 176}}))
+                  "calibration": {"method": "platt", "n": 176, "n_positive": 53}}))
+        db.session.add(ModelVersion(name="site-tuned", file_key="models/dd/" + "d" * 64 + ".pt", checksum="d" * 64,
+                                    threshold=0.2, input_size=32, metrics={"roc_auc": 0.8, "n": 40.0},
+                                    meta={"calibration": {"method": "platt", "n": 60, "n_positive": 12},
+                                          "site_adaptation": {"site": "Hospital B", "n": 60, "n_malignant": 12}}))
         db.session.add(ModelVersion(name="confident", file_key="models/cc/" + "c" * 64 + ".pt", checksum="c" * 64,
                                     threshold=0.1, input_size=32,
                                     metrics={"roc_auc": 0.8, "n": 40.0, "n_positive": 20.0, "target_confidence": 0.867},
@@ -337,6 +341,11 @@ def test_model_card_one_metric_a_row_integers_and_the_demo_models_test_figures(p
     assert "validation split held out during training" in page and "176 images, 53 cancer" in page
     assert "threshold chosen on it for sensitivity 0.90, met on these images" in page
     assert "879" in page and "879.000" not in page and "No locked-test evaluation recorded" not in page
+    assert "platt on 176 validation images (53 malignant, 30%) of the training sites" in page
+    assert "recalibrates on its reviewed cases" in page
+    site_tuned = boss.get("/admin/models/site-tuned").data.decode()
+    assert "platt on 60 reviewed cases of Hospital B (12 malignant, 20%)" in site_tuned
+    assert "validation images" not in site_tuned
     confident = boss.get("/admin/models/confident").data.decode()
     assert "for sensitivity 0.90, kept on new cancers with probability 80%; 87% reached" in confident
     hand = boss.get("/admin/models/by-hand").data.decode()
