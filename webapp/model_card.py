@@ -174,7 +174,7 @@ def _calibration(meta: dict[str, Any]) -> str | None:
     site = meta.get("site_adaptation")
     if isinstance(site, dict):
         return f"{calibration['method']} on {n if n is not None else '?'} reviewed cases of {site.get('site') or 'this site'}{mix}"
-    return (f"{calibration['method']} on {n if n is not None else '?'} validation images{mix} of the training sites: "
+    return (f"{calibration['method']} on {n if n is not None else '?'} validation images{mix} of its training data: "
             "the probabilities assume their case mix; a site with another recalibrates on its reviewed cases "
             "(manage.py recalibrate)")
 

@@ -341,7 +341,7 @@ def test_model_card_one_metric_a_row_integers_and_the_demo_models_test_figures(p
     assert "validation split held out during training" in page and "176 images, 53 cancer" in page
     assert "threshold chosen on it for sensitivity 0.90, met on these images" in page
     assert "879" in page and "879.000" not in page and "No locked-test evaluation recorded" not in page
-    assert "platt on 176 validation images (53 malignant, 30%) of the training sites" in page
+    assert "platt on 176 validation images (53 malignant, 30%) of its training data" in page
     assert "recalibrates on its reviewed cases" in page
     site_tuned = boss.get("/admin/models/site-tuned").data.decode()
     assert "platt on 60 reviewed cases of Hospital B (12 malignant, 20%)" in site_tuned
