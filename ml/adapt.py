@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ml import MLError
-from ml.calibration import calibrated, fit_platt
+from ml.calibration import calibrated, fit_platt, shift_prevalence, shift_threshold
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.inference import Predictor
 from ml.metrics import (expected_calibration_error, operating_point, positives_needed, summarise,
@@ -121,4 +121,30 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
     })
     meta.pop("created_at", None)
     save_checkpoint(out, predictor.model, meta, half=meta.get("stored_dtype") == "float16")
+    return meta
+
+
+def set_prevalence(checkpoint: str | Path, out: str | Path, prevalence: float,
+                   site: str | None = None) -> dict[str, Any]:
+    """Write ``out``: ``checkpoint`` with its probabilities moved to a site where
+    ``prevalence`` of the cases are malignant (ml.calibration.shift_prevalence) and its
+    threshold moved alike, so every case keeps its verdict and only the probability shown
+    changes. Needs no reviewed cases: the share of cancers a site sees is usually known from
+    its own records. Returns the new metadata (``site_adaptation.method`` = "prevalence")."""
+    payload = load_checkpoint(checkpoint)
+    meta = dict(payload["meta"])
+    previous = meta.get("calibration")
+    calibration = shift_prevalence(previous, prevalence)
+    threshold = shift_threshold(float(meta["threshold"]), calibration)
+    meta.update({
+        "calibration": calibration, "threshold": threshold,
+        "site_adaptation": {
+            "site": site, "method": "prevalence", "prevalence": float(prevalence),
+            "prevalence_before": calibration["prevalence_before"], "log_odds_shift": calibration["prevalence_shift"],
+            "previous_calibration": previous, "previous_threshold": float(payload["meta"]["threshold"]),
+        },
+    })
+    meta.pop("created_at", None)
+    model = Predictor.from_checkpoint(checkpoint, "cpu").model
+    save_checkpoint(out, model, meta, half=meta.get("stored_dtype") == "float16")
     return meta

@@ -65,3 +65,48 @@ def calibrated(logits: np.ndarray | float, calibration: dict[str, Any] | None) -
     z = np.asarray(logits, dtype=np.float64) * float(c["a"]) + float(c["b"])
     p = 0.5 * (1 + np.tanh(0.5 * z))  # the sigmoid, without overflow
     return float(p) if np.ndim(p) == 0 else p
+
+
+def fitted_prevalence(calibration: dict[str, Any] | None) -> float | None:
+    """The share of malignant cases that ``calibration``'s probabilities assume: a prevalence
+    it was moved to (:func:`shift_prevalence`), else the share among the cases it was fitted
+    on; None when it does not say (an older checkpoint, or no calibration)."""
+    if not isinstance(calibration, dict):
+        return None
+    if calibration.get("prevalence") is not None:
+        return float(calibration["prevalence"])
+    n, positive = calibration.get("n"), calibration.get("n_positive")
+    if isinstance(n, (int, float)) and isinstance(positive, (int, float)) and 0 < positive < n:
+        return float(positive) / float(n)
+    return None
+
+
+def log_odds(p: float) -> float:
+    p = min(max(float(p), 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
+def shift_prevalence(calibration: dict[str, Any] | None, prevalence: float) -> dict[str, Any]:
+    """``calibration`` moved to a site where ``prevalence`` of the cases are malignant.
+
+    A Platt fit carries the share of cancers among its validation cases into every
+    probability. Where only that share differs (the images of each class look alike), Bayes'
+    rule moves every log-odds by the same amount, logit(new share) - logit(old share)
+    (Saerens, Latinne & Decaestecker, Neural Computation 2002): only ``b`` changes, so the
+    ranking and, with the threshold moved alike (:func:`shift_threshold`), every verdict stay.
+    """
+    if not 0 < prevalence < 1:
+        raise MLError(f"the prevalence must lie strictly between 0 and 1, not {prevalence}")
+    old = fitted_prevalence(calibration)
+    if old is None or not calibration or calibration.get("method") in (None, "none"):
+        raise MLError("the model's calibration does not record the share of cancers it was fitted on: "
+                      "recalibrate it on the site's reviewed cases instead")
+    shift = log_odds(prevalence) - log_odds(old)
+    return dict(calibration, b=float(calibration["b"]) + shift, prevalence=float(prevalence),
+                prevalence_before=old, prevalence_shift=shift)
+
+
+def shift_threshold(threshold: float, calibration: dict[str, Any]) -> float:
+    """The threshold on the scale of a calibration moved by :func:`shift_prevalence`, so that
+    every case keeps its verdict."""
+    return float(calibrated(log_odds(threshold) + float(calibration.get("prevalence_shift") or 0.0), None))

@@ -172,6 +172,10 @@ def _calibration(meta: dict[str, Any]) -> str | None:
     n, positive = calibration.get("n"), calibration.get("n_positive")
     mix = f" ({positive} malignant, {positive / n:.0%})" if isinstance(n, int) and isinstance(positive, int) and n else ""
     site = meta.get("site_adaptation")
+    if isinstance(site, dict) and site.get("method") == "prevalence":
+        return (f"{calibration['method']} on {n if n is not None else '?'} validation images of its training data, moved "
+                f"from their {float(site['prevalence_before']):.0%} cancers to the {float(site['prevalence']):.0%} stated "
+                f"for {site.get('site') or 'this site'} (manage.py recalibrate --prevalence; the same verdicts)")
     if isinstance(site, dict):
         return f"{calibration['method']} on {n if n is not None else '?'} reviewed cases of {site.get('site') or 'this site'}{mix}"
     return (f"{calibration['method']} on {n if n is not None else '?'} validation images{mix} of its training data: "

@@ -269,7 +269,7 @@ class RecalibrationOutcome:
     candidate_metrics: dict[str, Any]
     active_metrics: dict[str, Any]
     decision: PromotionDecision
-    feedback: FeedbackExport
+    feedback: FeedbackExport | None   # None: moved to a stated prevalence, no reviewed cases used
     site_adaptation: dict[str, Any]
 
 
@@ -277,16 +277,19 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
                        target_sensitivity: float | None = None, min_reviews: int = 1,
                        consensus_rule: str = "majority", site: str | None = None, n_boot: int = 1000,
                        name: str | None = None, actor: User | None = None,
-                       confidence: float | None = None, min_specificity: float | None = None) -> RecalibrationOutcome:
+                       confidence: float | None = None, min_specificity: float | None = None,
+                       prevalence: float | None = None) -> RecalibrationOutcome:
     """Adapt the active model to this site without retraining: refit its calibration and
     threshold on the reviewed cases (their consensus verdict), register the result as a new
     version (parent: the active one) and put it through the same gate as ``retrain`` on
     ``locked_test`` (same weights, so the same ROC-AUC; the gate's test is the sensitivity
     at the new threshold). ``confidence``: how sure the threshold must be to keep the target
     sensitivity on the site's next cases (None: ml.adapt.SITE_THRESHOLD_CONFIDENCE; 0: met on
-    the reviewed cases only, the rule before 2026-11-27)."""
+    the reviewed cases only, the rule before 2026-11-27). ``prevalence``: instead, move the
+    probabilities to a site where this share of cases is malignant (ml.adapt.set_prevalence:
+    no reviewed cases used, every verdict kept)."""
     from ml import MLError
-    from ml.adapt import SITE_THRESHOLD_CONFIDENCE, recalibrate
+    from ml.adapt import SITE_THRESHOLD_CONFIDENCE, recalibrate, set_prevalence
     from ml.evaluate import evaluate_folder
 
     if promote not in PROMOTE_MODES:
@@ -301,14 +304,24 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
     check_locked_test(locked_test, active.meta)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    # the reviewed uploads themselves (as the worker reads them) with their consensus verdicts
-    feedback = select_feedback(min_reviews=min_reviews, rule=consensus_rule)
-    images = [item.image for item in feedback.items]
-    malignant = [int(item.verdict == "cancer") for item in feedback.items]
     checkpoint = work / "recalibrated.pt"
+    feedback = None
     try:
-        conf = SITE_THRESHOLD_CONFIDENCE if confidence is None else (confidence or None)
-        meta = recalibrate(active_path, images, malignant, checkpoint, target, site, confidence=conf)
+        if prevalence is not None:
+            meta = set_prevalence(active_path, checkpoint, prevalence, site)
+            used = {"stated_prevalence": prevalence}
+            notes = f"{active.name} moved to a stated prevalence of {prevalence:.1%}"
+        else:
+            # the reviewed uploads themselves (as the worker reads them) with their consensus verdicts
+            feedback = select_feedback(min_reviews=min_reviews, rule=consensus_rule)
+            images = [item.image for item in feedback.items]
+            malignant = [int(item.verdict == "cancer") for item in feedback.items]
+            conf = SITE_THRESHOLD_CONFIDENCE if confidence is None else (confidence or None)
+            meta = recalibrate(active_path, images, malignant, checkpoint, target, site, confidence=conf)
+            used = {"site_adaptation_cases": len(feedback.items),
+                    "per_label": dict(Counter(item.label for item in feedback.items)),
+                    "feedback_left_out": dict(feedback.left_out)}
+            notes = f"{active.name} recalibrated on {len(feedback.items)} reviewed case(s)"
     except MLError as exc:
         raise RetrainError(str(exc)) from None
     candidate_metrics = _clean(evaluate_folder(checkpoint, locked_test, n_boot=n_boot))
@@ -317,14 +330,12 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
     meta.update({
         "locked_test": dict(candidate_metrics, fingerprint=_folder_fingerprint(locked_test)),
         "compared_with": {"version": active.name, "locked_test": active_metrics},
-        "training_data": {"site_adaptation_cases": len(feedback.items),
-                          "per_label": dict(Counter(item.label for item in feedback.items)),
-                          "feedback_left_out": dict(feedback.left_out), "weights": f"unchanged from {active.name}"},
+        "training_data": dict(used, weights=f"unchanged from {active.name}"),
         "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
                       "target_sensitivity": target, "min_specificity": floor},
     })
     version = _register_and_gate(checkpoint, meta, active, decision, promote, name, actor,
-                                 notes=f"{active.name} recalibrated on {len(feedback.items)} reviewed case(s)"
-                                       + (f" of {site}" if site else ""))
+                                 notes=notes + (f" of {site}" if site and feedback is not None else "")
+                                 + (f" for {site}" if site and feedback is None else ""))
     return RecalibrationOutcome(version, active, candidate_metrics, active_metrics, decision, feedback,
                                 meta["site_adaptation"])

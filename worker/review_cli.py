@@ -139,12 +139,16 @@ def threshold_rule_lines(adaptation: dict, target: float) -> list[str]:
 @click.option("--confidence", type=click.FloatRange(0, 1, max_open=True),
               help="how sure the threshold must be to keep the target sensitivity on the site's next cases "
                    "(default 0.8, ml.adapt.SITE_THRESHOLD_CONFIDENCE); 0: met on the reviewed cases only")
+@click.option("--prevalence", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="instead of the reviewed cases: the share of this site's cases that are malignant (e.g. 0.13 from "
+                   "its records); the probabilities are moved to it and the threshold with them, so every verdict stays")
 @click.option("--site", help="name of the site, recorded with the version")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="keep the export and the checkpoint here")
 @click.option("--name", help="name of the new version (default v1, v2, ...)")
-def recalibrate(locked_test, promote, target_sensitivity, min_specificity, min_reviews, rule, confidence, site, work_dir,
-                name) -> None:
-    """Adapt the active model to this site from its reviewed cases: new calibration and threshold, same weights."""
+def recalibrate(locked_test, promote, target_sensitivity, min_specificity, min_reviews, rule, confidence, prevalence, site,
+                work_dir, name) -> None:
+    """Adapt the active model to this site from its reviewed cases (new calibration and threshold) or to its
+    stated share of cancers (--prevalence: new probabilities, the same verdicts); the weights stay."""
     from ml import MLError
     from worker.retrain import RetrainError, recalibrate_active
 
@@ -152,26 +156,36 @@ def recalibrate(locked_test, promote, target_sensitivity, min_specificity, min_r
         try:
             o = recalibrate_active(locked_test, work_dir or scratch, promote=promote, target_sensitivity=target_sensitivity,
                                    min_reviews=min_reviews, consensus_rule=rule, site=site, name=name,
-                                   confidence=confidence, min_specificity=min_specificity)
+                                   confidence=confidence, min_specificity=min_specificity, prevalence=prevalence)
         except (RetrainError, MLError) as exc:
             raise click.ClickException(f"recalibration stopped: {exc}") from None
         a = o.site_adaptation
-        click.echo(f"fitted on {a['n']} reviewed case(s) ({a['n_malignant']} malignant): threshold "
-                   f"{a['previous_threshold']:.3f} -> {o.version.threshold:.3f}; on those cases ECE "
-                   f"{a['before']['ece']:.3f} -> {a['after']['ece']:.3f}, sensitivity {a['before']['sensitivity']:.3f} -> "
-                   f"{a['after']['sensitivity']:.3f}, specificity {a['before']['specificity']:.3f} -> "
-                   f"{a['after']['specificity']:.3f}")
-        if a.get("left_out_seen"):
-            click.echo(f"left out {a['left_out_seen']} reviewed case(s) the model was trained or validated on "
-                       f"(its scores there are optimistic)")
-        for line in threshold_rule_lines(a, o.version.meta["target_sensitivity"]):
-            click.echo(line)
+        if a.get("method") == "prevalence":
+            click.echo(f"probabilities moved from the share of cancers they were fitted on ({a['prevalence_before']:.1%}) "
+                       f"to the stated {a['prevalence']:.1%} (log-odds {a['log_odds_shift']:+.3f}); threshold "
+                       f"{a['previous_threshold']:.3f} -> {o.version.threshold:.3f}: every case keeps its verdict")
+        else:
+            _echo_site_fit(a, o.version.threshold, o.version.meta["target_sensitivity"])
         click.echo(f"registered {o.version.name} (parent {o.previous.name})")
         for key in ("roc_auc", "sensitivity", "specificity", "ece", "threshold"):
             old, new = o.active_metrics.get(key), o.candidate_metrics.get(key)
             click.echo(f"locked test {key:12} {_fmt(old):>8} -> {_fmt(new):>8}")
         verdict = "PROMOTED: now the active model" if o.decision.promote else "NOT PROMOTED"
         click.echo(f"decision: {verdict} ({'; '.join(o.decision.reasons)})")
+
+
+def _echo_site_fit(a: dict, threshold: float, target: float) -> None:
+    """What a fit on the site's reviewed cases did to them, and the threshold rules side by side."""
+    click.echo(f"fitted on {a['n']} reviewed case(s) ({a['n_malignant']} malignant): threshold "
+               f"{a['previous_threshold']:.3f} -> {threshold:.3f}; on those cases ECE "
+               f"{a['before']['ece']:.3f} -> {a['after']['ece']:.3f}, sensitivity {a['before']['sensitivity']:.3f} -> "
+               f"{a['after']['sensitivity']:.3f}, specificity {a['before']['specificity']:.3f} -> "
+               f"{a['after']['specificity']:.3f}")
+    if a.get("left_out_seen"):
+        click.echo(f"left out {a['left_out_seen']} reviewed case(s) the model was trained or validated on "
+                   f"(its scores there are optimistic)")
+    for line in threshold_rule_lines(a, target):
+        click.echo(line)
 
 
 def _fmt(value) -> str:

@@ -45,6 +45,34 @@ def test_platt_recovers_a_known_miscalibration_and_keeps_the_ranking():
     assert roc_auc(y, calibrated(shown, c)) == pytest.approx(roc_auc(y, shown), abs=1e-12)
 
 
+def test_a_calibration_moved_to_a_sites_prevalence_is_calibrated_there_and_keeps_every_verdict():
+    from ml import MLError
+    from ml.calibration import fitted_prevalence, shift_prevalence, shift_threshold
+
+    rng = np.random.default_rng(7)
+
+    def site(n, prevalence):  # the same look per class at both sites: only the share of cancers differs
+        y = (rng.random(n) < prevalence).astype(int)
+        return rng.normal(np.where(y == 1, 1.5, -1.0), 1.0), y
+
+    z_val, y_val = site(3000, 0.30)
+    z_site, y_site = site(6000, 0.08)
+    c = fit_platt(z_val, y_val)
+    assert fitted_prevalence(c) == pytest.approx(y_val.mean())
+    moved = shift_prevalence(c, 0.08)
+    assert moved["a"] == c["a"] and moved["prevalence"] == 0.08
+    before, after = (expected_calibration_error(y_site, calibrated(z_site, x)) for x in (c, moved))
+    assert after < 0.02 and before > 0.05
+    threshold = 0.3
+    assert np.array_equal(calibrated(z_site, c) >= threshold, calibrated(z_site, moved) >= shift_threshold(threshold, moved))
+    back = shift_prevalence(moved, float(y_val.mean()))   # moved again: from the stated share, not the fitted one
+    assert back["b"] == pytest.approx(c["b"], abs=1e-12)
+    with pytest.raises(MLError, match="does not record the share of cancers"):
+        shift_prevalence({"method": "platt", "a": 1.0, "b": 0.0}, 0.1)
+    with pytest.raises(MLError, match="strictly between 0 and 1"):
+        shift_prevalence(c, 1.0)
+
+
 def test_expected_calibration_error_by_hand():
     # bin [0.2, 0.267): two cases, mean 0.25, observed 0.5; bin [0.8, 0.867): one case 0.8, observed 1
     y, p = [0, 1, 1], [0.25, 0.25, 0.8]

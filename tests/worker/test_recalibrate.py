@@ -182,3 +182,48 @@ def test_the_gate_applies_its_specificity_floor_to_a_site_threshold(app, tmp_pat
            f"{active_spec:.3f}" in second.output
     bad = run_cli("recalibrate", "--locked-test", locked, "--min-specificity", 1.5)
     assert bad.exit_code == 2 and "1.5 is not in the range" in bad.output
+
+
+def test_a_stated_prevalence_moves_the_probabilities_and_keeps_every_verdict(app, tmp_path, tiny_checkpoint, run_cli):
+    """`--prevalence`: no reviewed cases needed; the new version's probabilities follow Bayes'
+    rule for the site's share of cancers, its threshold moves alike, and every verdict stays."""
+    from ml.checkpoint import load_model, save_checkpoint
+    from ml.inference import Predictor
+    from webapp.extensions import db
+    from webapp.model_card import model_card
+    from webapp.models import ModelVersion
+
+    model, meta = load_model(tiny_checkpoint)
+    fitted = save_checkpoint(tmp_path / "fitted.pt", model, dict(meta, calibration={
+        "method": "platt", "a": 1.0, "b": 0.0, "n": 100, "n_positive": 30}), half=True)
+    locked = make_folder(tmp_path / "locked", n_per_class=6, classes=("malignant", "normal"), seed=5)
+    register_model(app, tiny_checkpoint, name="uncalibrated")
+    refused = run_cli("recalibrate", "--locked-test", locked, "--prevalence", 0.1)
+    assert refused.exit_code == 1 and "does not record the share of cancers it was fitted on" in refused.output
+    assert run_cli("recalibrate", "--locked-test", locked, "--prevalence", 1).exit_code == 2
+    base_id = register_model(app, fitted, name="base")
+    with app.app_context():
+        assert db.session.get(ModelVersion, base_id).is_active
+    result = run_cli("recalibrate", "--locked-test", locked, "--prevalence", 0.1, "--site", "Hospital B",
+                     "--promote", "never")
+    assert result.exit_code == 0, result.output
+    # odds 1 at the old threshold 0.5, times (0.1 / 0.9) / (0.3 / 0.7): 0.259, a probability of 0.206
+    assert ("probabilities moved from the share of cancers they were fitted on (30.0%) to the stated 10.0% "
+            "(log-odds -1.350); threshold 0.500 -> 0.206: every case keeps its verdict") in result.output
+    assert "registered v3 (parent base)" in result.output
+    with app.app_context():
+        new = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v3"))
+        base = db.session.get(ModelVersion, base_id)
+        assert new.meta["site_adaptation"]["method"] == "prevalence" and new.meta["site_adaptation"]["site"] == "Hospital B"
+        assert new.meta["training_data"]["stated_prevalence"] == 0.1
+        for key in ("roc_auc", "sensitivity", "specificity"):   # the same verdicts on the locked test set
+            assert new.meta["locked_test"][key] == new.meta["compared_with"]["locked_test"][key]
+        assert ("validation images of its training data, moved from their 30% cancers to the 10% stated for Hospital B"
+                in model_card(new).training_data["calibration"])
+        store = app.extensions["file_store"]
+        old, moved = (Predictor.from_checkpoint(store.path(v.file_key), "cpu") for v in (base, new))
+    x = torch.randn(16, 3, 32, 32)
+    p_old, p_new = old.calibrated(old.model(x).detach()), moved.calibrated(moved.model(x).detach())
+    odds = p_old / (1 - p_old) * (0.1 / 0.9) / (0.3 / 0.7)
+    assert torch.allclose(p_new.double(), (odds / (1 + odds)).double(), atol=1e-5)
+    assert torch.equal(p_old >= old.threshold, p_new >= moved.threshold)
