@@ -269,6 +269,17 @@ def test_a_three_class_model_shows_verdict_words_and_the_most_likely_class(app, 
     assert re.search(r"Most likely:\s*<strong>" + re.escape(words[prediction.predicted_class]) + "</strong>", page)
     assert ("Suspicious for malignancy" if prediction.label == "cancer" else "Not suspicious") in page
     assert "(calibrated on validation data)" in " ".join(page.split())  # indentation-free
+    from webapp.extensions import db
+    from webapp.models import ModelVersion
+
+    for adaptation, words in (({"method": "prevalence", "prevalence": 0.1}, "validation data, moved to the share of "
+                                                                            "cancers stated for this site"),
+                              ({"n": 40, "n_malignant": 8}, "this site")):
+        with app.app_context():
+            version = db.session.get(ModelVersion, prediction.model_version_id)
+            version.meta = dict(version.meta, site_adaptation=adaptation)
+            db.session.commit()
+        assert f"(calibrated on {words})" in " ".join(client.get(case_url).data.decode().split())
 
 
 def test_an_ensemble_checkpoint_is_predicted_and_explained_by_the_worker(app, client, tmp_path):
