@@ -310,7 +310,7 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
         if prevalence is not None:
             meta = set_prevalence(active_path, checkpoint, prevalence, site)
             used = {"stated_prevalence": prevalence}
-            notes = f"{active.name} moved to a stated prevalence of {prevalence:.1%}"
+            notes = f"{active.name} moved to a stated prevalence of {prevalence:.1%}" + (f" for {site}" if site else "")
         else:
             # the reviewed uploads themselves (as the worker reads them) with their consensus verdicts
             feedback = select_feedback(min_reviews=min_reviews, rule=consensus_rule)
@@ -321,7 +321,7 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
             used = {"site_adaptation_cases": len(feedback.items),
                     "per_label": dict(Counter(item.label for item in feedback.items)),
                     "feedback_left_out": dict(feedback.left_out)}
-            notes = f"{active.name} recalibrated on {len(feedback.items)} reviewed case(s)"
+            notes = f"{active.name} recalibrated on {len(feedback.items)} reviewed case(s)" + (f" of {site}" if site else "")
     except MLError as exc:
         raise RetrainError(str(exc)) from None
     candidate_metrics = _clean(evaluate_folder(checkpoint, locked_test, n_boot=n_boot))
@@ -335,7 +335,6 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
                       "target_sensitivity": target, "min_specificity": floor},
     })
     version = _register_and_gate(checkpoint, meta, active, decision, promote, name, actor,
-                                 notes=notes + (f" of {site}" if site and feedback is not None else "")
-                                 + (f" for {site}" if site and feedback is None else ""))
+                                 notes=notes)
     return RecalibrationOutcome(version, active, candidate_metrics, active_metrics, decision, feedback,
                                 meta["site_adaptation"])

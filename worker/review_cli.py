@@ -152,6 +152,9 @@ def recalibrate(locked_test, promote, target_sensitivity, min_specificity, min_r
     from ml import MLError
     from worker.retrain import RetrainError, recalibrate_active
 
+    if prevalence is not None and (confidence is not None or target_sensitivity is not None):
+        raise click.UsageError("--prevalence keeps the threshold's verdicts; --confidence and --target-sensitivity "
+                               "set a new threshold from reviewed cases: give one or the other")
     with _app_context(), tempfile.TemporaryDirectory(prefix="recalibrate-") as scratch:
         try:
             o = recalibrate_active(locked_test, work_dir or scratch, promote=promote, target_sensitivity=target_sensitivity,

@@ -201,6 +201,8 @@ def test_a_stated_prevalence_moves_the_probabilities_and_keeps_every_verdict(app
     refused = run_cli("recalibrate", "--locked-test", locked, "--prevalence", 0.1)
     assert refused.exit_code == 1 and "does not record the share of cancers it was fitted on" in refused.output
     assert run_cli("recalibrate", "--locked-test", locked, "--prevalence", 1).exit_code == 2
+    both = run_cli("recalibrate", "--locked-test", locked, "--prevalence", 0.1, "--confidence", 0.5)
+    assert both.exit_code == 2 and "give one or the other" in both.output
     base_id = register_model(app, fitted, name="base")
     with app.app_context():
         assert db.session.get(ModelVersion, base_id).is_active
@@ -216,6 +218,7 @@ def test_a_stated_prevalence_moves_the_probabilities_and_keeps_every_verdict(app
         base = db.session.get(ModelVersion, base_id)
         assert new.meta["site_adaptation"]["method"] == "prevalence" and new.meta["site_adaptation"]["site"] == "Hospital B"
         assert new.meta["training_data"]["stated_prevalence"] == 0.1
+        assert new.notes == "base moved to a stated prevalence of 10.0% for Hospital B"
         for key in ("roc_auc", "sensitivity", "specificity"):   # the same verdicts on the locked test set
             assert new.meta["locked_test"][key] == new.meta["compared_with"]["locked_test"][key]
         assert ("validation images of its training data, moved from their 30% cancers to the 10% stated for Hospital B"
