@@ -51,7 +51,7 @@ def main() -> None:
         fp = predict_folder(predictor, train_sites.DATA / args.site)
         y, stored = fp.y, predictor.meta.get("calibration")
         # the model's malignancy log-odds before calibration, recovered from the stored map
-        z = (np.array([log_odds(p) for p in fp.probs]) - float(stored["b"])) / float(stored["a"])
+        z = (log_odds(fp.probs) - float(stored["b"])) / float(stored["a"])
         name = f"{Path(path).parent.name}/{Path(path).name}"[-28:]
         truth = float(y.mean())
         rows = [(f"stored ({fitted_prevalence(stored):.1%} cancers)", stored, predictor.threshold)]

@@ -81,9 +81,11 @@ def fitted_prevalence(calibration: dict[str, Any] | None) -> float | None:
     return None
 
 
-def log_odds(p: float) -> float:
-    p = min(max(float(p), 1e-12), 1 - 1e-12)
-    return math.log(p / (1 - p))
+def log_odds(p: np.ndarray | float) -> np.ndarray | float:
+    """The inverse of the sigmoid, with probabilities kept 1e-12 away from 0 and 1."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    z = np.log(q / (1 - q))
+    return float(z) if np.ndim(z) == 0 else z
 
 
 def shift_prevalence(calibration: dict[str, Any] | None, prevalence: float) -> dict[str, Any]:
