@@ -12,7 +12,7 @@ import torch
 
 from ml import MLError
 from ml.calibration import calibrated, fit_platt, shift_prevalence, shift_threshold
-from ml.checkpoint import load_checkpoint, save_checkpoint
+from ml.checkpoint import load_checkpoint, model_from_payload, save_checkpoint
 from ml.inference import Predictor
 from ml.metrics import (expected_calibration_error, operating_point, positives_needed, summarise,
                         threshold_for_sensitivity)
@@ -145,6 +145,6 @@ def set_prevalence(checkpoint: str | Path, out: str | Path, prevalence: float,
         },
     })
     meta.pop("created_at", None)
-    model = Predictor.from_checkpoint(checkpoint, "cpu").model
+    model = model_from_payload(payload, checkpoint)   # the file read once
     save_checkpoint(out, model, meta, half=meta.get("stored_dtype") == "float16")
     return meta
