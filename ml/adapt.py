@@ -1,11 +1,14 @@
 """Site adaptation without retraining: refit a checkpoint's probability calibration and its
 operating threshold on one hospital's reviewed cases, and write the result as a new
 checkpoint (same weights, so the same ranking and ROC-AUC; new probabilities and threshold).
+
+Optionally first re-estimate the network's batch-normalisation statistics on the site's own
+images (labels not used: :func:`adapt_batchnorm`), which changes the ranking as well.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +17,7 @@ from ml import MLError
 from ml.calibration import calibrated, fit_platt, shift_prevalence, shift_threshold
 from ml.checkpoint import load_checkpoint, model_from_payload, save_checkpoint
 from ml.inference import Predictor
-from ml.metrics import (expected_calibration_error, operating_point, positives_needed, summarise,
+from ml.metrics import (expected_calibration_error, operating_point, positives_needed, roc_auc, summarise,
                         threshold_for_sensitivity)
 from ml.model import model_malignancy_logit
 
@@ -49,6 +52,63 @@ def fit_site_threshold(logits: np.ndarray, malignant: np.ndarray, target_sensiti
     return calibration, threshold
 
 
+# Fewer site images than this cannot stand for a site's scanner statistics.
+MIN_ADAPT_IMAGES = 50
+
+
+def adapt_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], weight: float = 1.0) -> int:
+    """Re-estimate the running mean and variance of every batch-normalisation layer of
+    ``model`` on ``batches`` (normalised inputs of one site; no labels, no gradient), in
+    place, and return the number of images seen. ``weight`` 1 keeps only the site's
+    statistics; 0.5 averages them with the training statistics.
+
+    A scanner's gain, contrast and texture shift the activations of every layer; the layers
+    were trained to see them centred on the training sites' statistics. Measuring the
+    statistics on the site's own images re-centres them there ("AdaBN", Li et al.,
+    "Revisiting batch normalization for practical domain adaptation", ICLR workshop 2017).
+    Each batch counts equally (a cumulative average), so give batches of similar size."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        raise MLError("this model has no batch normalisation layers to adapt")
+    if not 0 < weight <= 1:
+        raise MLError(f"the site statistics' weight must lie in (0, 1], not {weight}")
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for m in layers]
+    was_training = model.training
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None       # a cumulative average over the batches, not a moving one
+        m.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+                seen += len(batch)
+    finally:
+        for m, (mean, var, batches, momentum) in zip(layers, saved):
+            if seen == 0:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(batches)
+            elif weight < 1:
+                m.running_mean.mul_(weight).add_(mean, alpha=1 - weight)
+                m.running_var.mul_(weight).add_(var, alpha=1 - weight)
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
+
+
+def site_batches(predictor: Predictor, uint8: torch.Tensor, batch_size: int = 32) -> list[torch.Tensor]:
+    """Model-size uint8 images -> normalised batches of near-equal size (so that each image
+    weighs about the same in :func:`adapt_batchnorm`'s average)."""
+    if len(uint8) == 0:
+        return []
+    chunks = torch.tensor_split(uint8, -(-len(uint8) // batch_size))
+    return [predictor.normalised(c) for c in chunks]
+
+
 # the rules `recalibrate` shows side by side, so an admin sees what each costs on the site
 THRESHOLD_OPTIONS = (None, 0.5, 0.8)
 
@@ -70,7 +130,8 @@ def threshold_options(logits: np.ndarray, malignant: np.ndarray, calibration: di
 
 def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant: Sequence[int], out: str | Path,
                 target_sensitivity: float = 0.90, site: str | None = None,
-                confidence: float | None = SITE_THRESHOLD_CONFIDENCE) -> dict[str, Any]:
+                confidence: float | None = SITE_THRESHOLD_CONFIDENCE,
+                site_images: Sequence[str | Path] | None = None, site_weight: float = 1.0) -> dict[str, Any]:
     """Write ``out``: ``checkpoint`` with a Platt calibration and a threshold (for
     ``target_sensitivity`` on the site's next cases with probability ``confidence``; None:
     met on these cases) fitted on ``images`` with their reviewed labels ``malignant``
@@ -79,6 +140,11 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
     so a threshold set there fails on new cases. Returns the new metadata; its
     ``site_adaptation`` entry holds the figures on the cases used, before and after
     (in-sample: judge the result on held-out data).
+
+    With ``site_images`` (the site's uploads, reviewed or not), the batch-normalisation
+    statistics are first re-estimated on them (:func:`adapt_batchnorm` with ``site_weight``;
+    images the checkpoint saw are left out, at least MIN_ADAPT_IMAGES must remain), and the
+    calibration and threshold are fitted on the adapted network's scores.
     """
     from ml.evaluate import overlap_with_training
 
@@ -97,6 +163,14 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
         raise MLError(f"site adaptation needs at least {MIN_CASES} reviewed cases with {MIN_MALIGNANT} malignant "
                       f"and {MIN_MALIGNANT} other ones; there are {len(y)} ({int(y.sum())} malignant){note}")
     before = calibrated(logits, predictor.meta.get("calibration"))
+    batchnorm = None
+    if site_images is not None:
+        batchnorm = _adapt_to_site(predictor, list(site_images), site_weight)
+        kept = [p for p, s in zip(images, seen) if not s]
+        # the reviewed labels played no part in the adaptation: a fair, if small, comparison
+        batchnorm["roc_auc_before"] = roc_auc(y, logits)
+        logits = malignancy_logits(predictor, kept)
+        batchnorm["roc_auc_after"] = roc_auc(y, logits)
     calibration, threshold = fit_site_threshold(logits, y, target_sensitivity, confidence)
     after = calibrated(logits, calibration)
     at_threshold = dict(operating_point(y, after, threshold, target_sensitivity), ece=expected_calibration_error(y, after))
@@ -119,9 +193,34 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
             "after": at_threshold,
         },
     })
+    if batchnorm is not None:
+        meta["site_adaptation"]["batchnorm"] = batchnorm
     meta.pop("created_at", None)
     save_checkpoint(out, predictor.model, meta, half=meta.get("stored_dtype") == "float16")
     return meta
+
+
+# At most this many of a site's images are read for its batch-normalisation statistics.
+MAX_ADAPT_IMAGES = 2000
+
+
+def _adapt_to_site(predictor: Predictor, site_images: list, weight: float) -> dict[str, Any]:
+    """Re-estimate ``predictor.model``'s batch-normalisation statistics on the site's images
+    it was not trained or validated on; what was used, for the checkpoint's record."""
+    from ml.evaluate import overlap_with_training
+
+    site_images = site_images[:MAX_ADAPT_IMAGES]
+    uint8 = (torch.cat([predictor.to_uint8(site_images[i:i + 64]) for i in range(0, len(site_images), 64)])
+             if site_images else torch.zeros(0, 3, predictor.input_size, predictor.input_size, dtype=torch.uint8))
+    overlap = overlap_with_training(predictor, [Path(p) for p in site_images], uint8) if site_images else None
+    seen = (overlap[0] | overlap[1]) if overlap is not None else np.zeros(len(site_images), dtype=bool)
+    uint8 = uint8[torch.from_numpy(~seen)]
+    if len(uint8) < MIN_ADAPT_IMAGES:
+        raise MLError(f"re-estimating the network's statistics needs at least {MIN_ADAPT_IMAGES} of the site's images "
+                      f"the model was not trained on; there are {len(uint8)}"
+                      + (f" ({int(seen.sum())} more are its own training or validation images)" if seen.any() else ""))
+    n = adapt_batchnorm(predictor.model, site_batches(predictor, uint8), weight)
+    return {"images": n, "left_out_seen": int(seen.sum()), "weight": weight}
 
 
 def set_prevalence(checkpoint: str | Path, out: str | Path, prevalence: float,

@@ -70,7 +70,8 @@ def _logging(verbose: bool) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bars or per-epoch lines")
 @user_errors
 def train(quiet: bool, no_group_duplicates: bool, no_augment: bool, positive_classes, **opts) -> None:
-    """Train the ResNet18 cancer-vs-normal classifier and write the best checkpoint."""
+    """Train the ResNet18 classifier on DATA's classes (normal / benign / malignant, or cancer / normal)
+    and write the best checkpoint."""
     _logging(not quiet)
     from ml.train import TrainConfig, fit
 
@@ -156,7 +157,7 @@ def evaluate(model_path: str, data: str, json_out: str | None, report_dir: str |
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @user_errors
 def predict(model_path: str, batch_size: int, device: str | None, images: tuple[str, ...]) -> None:
-    """Print one line per image: path, probability of cancer, label at the stored threshold.
+    """Print one line per image: path, calibrated probability of malignancy, label at the stored threshold.
 
     An unreadable image gets an error line and a nonzero exit; the others are still predicted."""
     from ml.data import DataError, load_image

@@ -154,6 +154,12 @@ def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
         recipe["mixstyle"] = f"p {args['mixstyle']:g} (feature styles mixed between images in training)"
     if args.get("randconv"):
         recipe["randconv"] = f"p {args['randconv']:g} (random-filter textures blended into training images)"
+    site = meta.get("site_adaptation")
+    bn = site.get("batchnorm") if isinstance(site, dict) else None
+    if isinstance(bn, dict) and bn.get("images"):
+        recipe["site_statistics"] = (f"batch-normalisation statistics re-estimated on {bn['images']} images of "
+                                     f"{site.get('site') or 'this site'} (weight {float(bn.get('weight', 1)):g}; "
+                                     "manage.py recalibrate --adapt-bn)")
     members = (meta.get("ensemble") or {}).get("members") if isinstance(meta.get("ensemble"), dict) else None
     if isinstance(members, list) and members:
         recipe["ensemble"] = (f"{len(members)} networks trained alike (seeds "

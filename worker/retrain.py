@@ -262,6 +262,24 @@ def comparison_table(outcome: RetrainOutcome) -> list[str]:
     return lines
 
 
+def site_images() -> list[Path]:
+    """The stored images of this site's uploads, newest first (at most
+    ml.adapt.MAX_ADAPT_IMAGES; withdrawn cases and missing files left out): what
+    ``recalibrate --adapt-bn`` measures the site's statistics on."""
+    from ml.adapt import MAX_ADAPT_IMAGES
+    from webapp.models import Case
+
+    store = current_app.extensions["file_store"]
+    query = select(Case.image_key).where(Case.withdrawn_at.is_(None)).order_by(Case.id.desc())
+    paths = []
+    for key in db.session.scalars(query):
+        if store.exists(key):
+            paths.append(store.path(key))
+            if len(paths) == MAX_ADAPT_IMAGES:
+                break
+    return paths
+
+
 @dataclass
 class RecalibrationOutcome:
     version: ModelVersion
@@ -278,7 +296,8 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
                        consensus_rule: str = "majority", site: str | None = None, n_boot: int = 1000,
                        name: str | None = None, actor: User | None = None,
                        confidence: float | None = None, min_specificity: float | None = None,
-                       prevalence: float | None = None) -> RecalibrationOutcome:
+                       prevalence: float | None = None, adapt_bn: bool = False,
+                       adapt_bn_weight: float = 1.0) -> RecalibrationOutcome:
     """Adapt the active model to this site without retraining: refit its calibration and
     threshold on the reviewed cases (their consensus verdict), register the result as a new
     version (parent: the active one) and put it through the same gate as ``retrain`` on
@@ -287,13 +306,19 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
     sensitivity on the site's next cases (None: ml.adapt.SITE_THRESHOLD_CONFIDENCE; 0: met on
     the reviewed cases only, the rule before 2026-11-27). ``prevalence``: instead, move the
     probabilities to a site where this share of cases is malignant (ml.adapt.set_prevalence:
-    no reviewed cases used, every verdict kept)."""
+    no reviewed cases used, every verdict kept). ``adapt_bn``: first re-estimate the
+    network's batch-normalisation statistics on the site's uploads, reviewed or not
+    (ml.adapt.adapt_batchnorm, ``adapt_bn_weight`` of the site's against the training
+    statistics); the ranking then changes too, and the gate's ROC-AUC test decides."""
     from ml import MLError
     from ml.adapt import SITE_THRESHOLD_CONFIDENCE, recalibrate, set_prevalence
     from ml.evaluate import evaluate_folder
 
     if promote not in PROMOTE_MODES:
         raise RetrainError(f"--promote must be one of {', '.join(PROMOTE_MODES)}")
+    if adapt_bn and prevalence is not None:
+        raise RetrainError("--prevalence keeps every verdict; --adapt-bn changes the network's scores: "
+                           "give one or the other")
     target = current_app.config["RETRAIN_TARGET_SENSITIVITY"] if target_sensitivity is None else target_sensitivity
     floor = _specificity_floor(min_specificity)
     store = current_app.extensions["file_store"]
@@ -317,20 +342,26 @@ def recalibrate_active(locked_test: str | Path, work_dir: str | Path, *, promote
             images = [item.image for item in feedback.items]
             malignant = [int(item.verdict == "cancer") for item in feedback.items]
             conf = SITE_THRESHOLD_CONFIDENCE if confidence is None else (confidence or None)
-            meta = recalibrate(active_path, images, malignant, checkpoint, target, site, confidence=conf)
+            uploads = site_images() if adapt_bn else None
+            meta = recalibrate(active_path, images, malignant, checkpoint, target, site, confidence=conf,
+                               site_images=uploads, site_weight=adapt_bn_weight)
             used = {"site_adaptation_cases": len(feedback.items),
                     "per_label": dict(Counter(item.label for item in feedback.items)),
                     "feedback_left_out": dict(feedback.left_out)}
             notes = f"{active.name} recalibrated on {len(feedback.items)} reviewed case(s)" + (f" of {site}" if site else "")
+            if adapt_bn:
+                bn = meta["site_adaptation"]["batchnorm"]
+                notes += f", its batch-normalisation statistics re-estimated on {bn['images']} of the site's images"
     except MLError as exc:
         raise RetrainError(str(exc)) from None
+    weights = f"unchanged from {active.name}" + (", batch-normalisation statistics of this site" if adapt_bn else "")
     candidate_metrics = _clean(evaluate_folder(checkpoint, locked_test, n_boot=n_boot))
     active_metrics = _clean(evaluate_folder(active_path, locked_test, n_boot=n_boot))
     decision = promotion_decision(candidate_metrics, active_metrics, target, promote, floor)
     meta.update({
         "locked_test": dict(candidate_metrics, fingerprint=_folder_fingerprint(locked_test)),
         "compared_with": {"version": active.name, "locked_test": active_metrics},
-        "training_data": dict(used, weights=f"unchanged from {active.name}"),
+        "training_data": dict(used, weights=weights),
         "promotion": {"mode": promote, "promote": decision.promote, "reasons": decision.reasons,
                       "target_sensitivity": target, "min_specificity": floor},
     })

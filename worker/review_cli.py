@@ -39,7 +39,7 @@ def _date(value: str | None) -> datetime | None:
 @click.option("--min-reviews", default=1, show_default=True, type=click.IntRange(1), help="leave out cases with fewer reviews")
 @click.option("--consensus", "rule", default="majority", show_default=True, type=click.Choice(["majority", "unanimous"]))
 def export_feedback_command(out_dir: str, since: str | None, min_reviews: int, rule: str) -> None:
-    """Write reviewed cases as cancer/ and normal/ folders plus manifest.csv."""
+    """Write reviewed cases as malignant/, benign/ and normal/ folders plus manifest.csv."""
     from ml import MLError
     from worker.feedback import describe, export_feedback
 
@@ -142,24 +142,31 @@ def threshold_rule_lines(adaptation: dict, target: float) -> list[str]:
 @click.option("--prevalence", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="instead of the reviewed cases: the share of this site's cases that are malignant (e.g. 0.13 from "
                    "its records); the probabilities are moved to it and the threshold with them, so every verdict stays")
+@click.option("--adapt-bn", is_flag=True,
+              help="first re-estimate the network's batch-normalisation statistics on this site's uploads (reviewed "
+                   "or not; at least 50 it was not trained on): no labels, no training, but the ranking changes, so "
+                   "the gate's ROC-AUC test on --locked-test decides (docs/model-quality.md)")
+@click.option("--adapt-bn-weight", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="with --adapt-bn: weight of the site's statistics against the training ones")
 @click.option("--site", help="name of the site, recorded with the version")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="keep the export and the checkpoint here")
 @click.option("--name", help="name of the new version (default v1, v2, ...)")
-def recalibrate(locked_test, promote, target_sensitivity, min_specificity, min_reviews, rule, confidence, prevalence, site,
-                work_dir, name) -> None:
+def recalibrate(locked_test, promote, target_sensitivity, min_specificity, min_reviews, rule, confidence, prevalence,
+                adapt_bn, adapt_bn_weight, site, work_dir, name) -> None:
     """Adapt the active model to this site from its reviewed cases (new calibration and threshold) or to its
     stated share of cancers (--prevalence: new probabilities, the same verdicts); the weights stay."""
     from ml import MLError
     from worker.retrain import RetrainError, recalibrate_active
 
-    if prevalence is not None and (confidence is not None or target_sensitivity is not None):
-        raise click.UsageError("--prevalence keeps the threshold's verdicts; --confidence and --target-sensitivity "
-                               "set a new threshold from reviewed cases: give one or the other")
+    if prevalence is not None and (confidence is not None or target_sensitivity is not None or adapt_bn):
+        raise click.UsageError("--prevalence keeps the threshold's verdicts; --confidence, --target-sensitivity and "
+                               "--adapt-bn set a new threshold from reviewed cases: give one or the other")
     with _app_context(), tempfile.TemporaryDirectory(prefix="recalibrate-") as scratch:
         try:
             o = recalibrate_active(locked_test, work_dir or scratch, promote=promote, target_sensitivity=target_sensitivity,
                                    min_reviews=min_reviews, consensus_rule=rule, site=site, name=name,
-                                   confidence=confidence, min_specificity=min_specificity, prevalence=prevalence)
+                                   confidence=confidence, min_specificity=min_specificity, prevalence=prevalence,
+                                   adapt_bn=adapt_bn, adapt_bn_weight=adapt_bn_weight)
         except (RetrainError, MLError) as exc:
             raise click.ClickException(f"recalibration stopped: {exc}") from None
         a = o.site_adaptation
@@ -179,6 +186,12 @@ def recalibrate(locked_test, promote, target_sensitivity, min_specificity, min_r
 
 def _echo_site_fit(a: dict, threshold: float, target: float) -> None:
     """What a fit on the site's reviewed cases did to them, and the threshold rules side by side."""
+    bn = a.get("batchnorm")
+    if bn:
+        seen = f" ({bn['left_out_seen']} of its own training images left out)" if bn["left_out_seen"] else ""
+        click.echo(f"batch-normalisation statistics re-estimated on {bn['images']} of this site's images{seen}, weight "
+                   f"{bn['weight']:g}; ROC-AUC on the reviewed cases {bn['roc_auc_before']:.3f} -> "
+                   f"{bn['roc_auc_after']:.3f} (their labels were not used for it)")
     click.echo(f"fitted on {a['n']} reviewed case(s) ({a['n_malignant']} malignant): threshold "
                f"{a['previous_threshold']:.3f} -> {threshold:.3f}; on those cases ECE "
                f"{a['before']['ece']:.3f} -> {a['after']['ece']:.3f}, sensitivity {a['before']['sensitivity']:.3f} -> "

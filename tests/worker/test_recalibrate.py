@@ -230,3 +230,51 @@ def test_a_stated_prevalence_moves_the_probabilities_and_keeps_every_verdict(app
     odds = p_old / (1 - p_old) * (0.1 / 0.9) / (0.3 / 0.7)
     assert torch.allclose(p_new.double(), (odds / (1 + odds)).double(), atol=1e-5)
     assert torch.equal(p_old >= old.threshold, p_new >= moved.threshold)
+
+
+def test_adapt_bn_measures_the_site_statistics_on_its_uploads_then_fits_the_threshold(app, tmp_path, tiny_checkpoint,
+                                                                                       run_cli):
+    """`--adapt-bn`: the new version's batch-normalisation statistics come from the site's
+    uploads (reviewed or not, withdrawn ones left out), its other weights are the active
+    model's, and the calibration and threshold are fitted on the adapted network's scores."""
+    from ml.inference import Predictor
+    from webapp.extensions import db
+    from webapp.model_card import model_card
+    from webapp.models import Case, ModelVersion
+
+    active_id = register_model(app, tiny_checkpoint, name="base")
+    locked = make_folder(tmp_path / "locked", n_per_class=6, classes=("malignant", "normal"), seed=5)
+    _reviewed_cases(app, active_id, n_malignant=8, n_other=16)
+    both = run_cli("recalibrate", "--locked-test", locked, "--prevalence", 0.1, "--adapt-bn")
+    assert both.exit_code == 2 and "give one or the other" in both.output
+    too_few = run_cli("recalibrate", "--locked-test", locked, "--adapt-bn", "--promote", "never")
+    assert too_few.exit_code == 1
+    assert "needs at least 50 of the site's images the model was not trained on; there are 24" in too_few.output
+    for i in range(27):                                   # uploads nobody has reviewed yet
+        finished_case(app, active_id, 0.3, seed=300 + i)
+    with app.app_context():
+        db.session.get(Case, 1).withdrawn_at = db.func.now()
+        db.session.commit()
+    result = run_cli("recalibrate", "--locked-test", locked, "--adapt-bn", "--site", "Hospital C",
+                     "--promote", "never", "--target-sensitivity", 0.75)
+    assert result.exit_code == 0, result.output
+    assert "batch-normalisation statistics re-estimated on 50 of this site's images, weight 1" in result.output
+    assert "(their labels were not used for it)" in result.output
+    assert "fitted on 23 reviewed case(s)" in result.output
+    with app.app_context():
+        new = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v2"))
+        base = db.session.get(ModelVersion, active_id)
+        bn = new.meta["site_adaptation"]["batchnorm"]
+        assert bn["images"] == 50 and bn["weight"] == 1.0 and bn["left_out_seen"] == 0
+        assert new.meta["training_data"]["weights"] == "unchanged from base, batch-normalisation statistics of this site"
+        assert new.notes.endswith("its batch-normalisation statistics re-estimated on 50 of the site's images")
+        assert "50 images of Hospital C" in model_card(new).training_data["site_statistics"]
+        store = app.extensions["file_store"]
+        old, adapted = (Predictor.from_checkpoint(store.path(v.file_key), "cpu") for v in (base, new))
+    old_state, new_state = old.model.state_dict(), adapted.model.state_dict()
+    changed = {k for k in old_state if not torch.equal(old_state[k], new_state[k])}
+    assert changed and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+                           for k in changed)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert not torch.allclose(old.model(x), adapted.model(x))
