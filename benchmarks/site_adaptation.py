@@ -15,6 +15,12 @@ being the folder's), two adaptations run through the product's own code:
                base weights for --finetune-minutes (per network: an ensemble base has each
                member fine-tuned and recombined), judged at the threshold it registers with
                (set on its own validation split, as `manage.py retrain` registers it);
+  adapt-bn     (with --adapt-bn) ml.adapt.recalibrate with site_images: the batch-normalisation
+               statistics re-estimated on the whole pool's images first (the site's uploads so
+               far, reviewed or not; their labels unused), then calibration and site threshold
+               on the reviewed cases (what `manage.py recalibrate --adapt-bn` does);
+  retrain+bn   (with --adapt-bn) the retrained model adapted as adapt-bn, its threshold set on
+               the pool's cases it did not train on;
   retrain+recal the retrained model recalibrated on the pool's cases it did not train on
                (the site's reviews after the retrain: what `manage.py recalibrate` uses, since
                it leaves out cases a model was trained or validated on); only where the rest
@@ -80,6 +86,9 @@ def main() -> None:
     ap.add_argument("--confidence", type=float, default=SITE_THRESHOLD_CONFIDENCE,
                     help="of keeping the target sensitivity on new cases (0: met on the reviewed cases)")
     ap.add_argument("--feedback-copies", type=int, default=1, help="each reviewed image this many times in the fine-tune")
+    ap.add_argument("--adapt-bn", action="store_true",
+                    help="also the adapt-bn path: statistics re-estimated on the pool's images, then recalibrated")
+    ap.add_argument("--adapt-bn-weight", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     confidence = args.confidence or None
@@ -114,6 +123,12 @@ def main() -> None:
             recalibrate(args.base, images, labels, out, args.target_sensitivity, args.site, confidence)
             m = judge(out, test_dir)
             print(f"{n:8d} {'recalibrate':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}")
+            if args.adapt_bn:
+                recalibrate(args.base, images, labels, work / f"bn-{n}.pt", args.target_sensitivity, args.site,
+                            confidence, site_images=[p for _, p, _ in pool], site_weight=args.adapt_bn_weight)
+                m = judge(work / f"bn-{n}.pt", test_dir)
+                print(f"{n:8d} {'adapt-bn':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
+                      f"{m['threshold']:9.3f}", flush=True)
             if args.finetune_minutes <= 0 and not args.finetune_epochs:
                 continue
             # each case carries its patient, as a DICOM upload's pseudonym would: the fine-tune
@@ -143,6 +158,13 @@ def main() -> None:
             m = judge(work / f"tuned-recal-{n}.pt", test_dir)
             print(f"{n:8d} {'retrain+recal':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
                   f"{m['threshold']:9.3f}  (on the other {len(later)} pool cases)", flush=True)
+            if args.adapt_bn:
+                recalibrate(tuned, [p for _, p, _ in later], [int(c == "malignant") for *_, c in later],
+                            work / f"tuned-bn-{n}.pt", args.target_sensitivity, args.site, confidence,
+                            site_images=[p for _, p, _ in pool], site_weight=args.adapt_bn_weight)
+                m = judge(work / f"tuned-bn-{n}.pt", test_dir)
+                print(f"{n:8d} {'retrain+bn':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
+                      f"{m['threshold']:9.3f}  (on the other {len(later)} pool cases)", flush=True)
 
 
 if __name__ == "__main__":

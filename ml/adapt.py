@@ -87,11 +87,11 @@ def adapt_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], wei
                 model(batch)
                 seen += len(batch)
     finally:
-        for m, (mean, var, batches, momentum) in zip(layers, saved):
+        for m, (mean, var, tracked, momentum) in zip(layers, saved):
             if seen == 0:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(batches)
+                m.num_batches_tracked.copy_(tracked)
             elif weight < 1:
                 m.running_mean.mul_(weight).add_(mean, alpha=1 - weight)
                 m.running_var.mul_(weight).add_(var, alpha=1 - weight)
