@@ -159,9 +159,13 @@ def main() -> None:
             print(f"{n:8d} {'retrain+recal':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
                   f"{m['threshold']:9.3f}  (on the other {len(later)} pool cases)", flush=True)
             if args.adapt_bn:
-                recalibrate(tuned, [p for _, p, _ in later], [int(c == "malignant") for *_, c in later],
-                            work / f"tuned-bn-{n}.pt", args.target_sensitivity, args.site, confidence,
-                            site_images=[p for _, p, _ in pool], site_weight=args.adapt_bn_weight)
+                try:   # the images the fine-tune trained on are left out of the statistics too
+                    recalibrate(tuned, [p for _, p, _ in later], [int(c == "malignant") for *_, c in later],
+                                work / f"tuned-bn-{n}.pt", args.target_sensitivity, args.site, confidence,
+                                site_images=[p for _, p, _ in pool], site_weight=args.adapt_bn_weight)
+                except MLError as exc:
+                    print(f"{n:8d} {'retrain+bn':12} (not enough of the site's images: {exc})")
+                    continue
                 m = judge(work / f"tuned-bn-{n}.pt", test_dir)
                 print(f"{n:8d} {'retrain+bn':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
                       f"{m['threshold']:9.3f}  (on the other {len(later)} pool cases)", flush=True)
