@@ -109,26 +109,35 @@ def main() -> None:
         print(f"{'reviewed':>8} {'path':12} {'ROC-AUC':>8} {'sens':>6} {'spec':>6} {'threshold':>9}")
         print(f"{0:8d} {'base model':12} {base_eval['roc_auc']:8.3f} {base_eval['sensitivity']:6.3f} "
               f"{base_eval['specificity']:6.3f} {base_eval['threshold']:9.3f}")
+
+        def adapt(n: int, path: str, model: Path, cases: list, out: Path, uploads: list | None = None,
+                  note: str = "") -> bool:
+            """Row ``n`` of the table: ml.adapt.recalibrate ``model`` on ``cases`` (with ``uploads``: their statistics
+            first), judge the result on the test part and print its row; False if it cannot."""
+            try:
+                recalibrate(model, [p for _, p, _ in cases], [int(c == "malignant") for *_, c in cases], out,
+                            args.target_sensitivity, args.site, confidence, site_images=uploads,
+                            site_weight=args.adapt_bn_weight)
+            except MLError as exc:
+                print(f"{n:8d} {path:12} (cannot: {exc})")
+                return False
+            m = judge(out, test_dir)
+            print(f"{n:8d} {path:12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
+                  f"{m['threshold']:9.3f}{note}", flush=True)
+            return True
+
         for count in args.counts.split(","):
             n = len(pool) if count == "all" else int(count)
             if n == 0:
                 continue
             reviewed = pool[:n]
-            images = [p for _, p, _ in reviewed]
-            labels = [int(c == "malignant") for *_, c in reviewed]
-            if sum(labels) < 5:
+            if sum(c == "malignant" for *_, c in reviewed) < 5:
                 print(f"{n:8d} (fewer than 5 malignant among them: no site threshold can be set)")
                 continue
-            out = work / f"recal-{n}.pt"
-            recalibrate(args.base, images, labels, out, args.target_sensitivity, args.site, confidence)
-            m = judge(out, test_dir)
-            print(f"{n:8d} {'recalibrate':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}")
+            uploads = [p for _, p, _ in pool]
+            adapt(n, "recalibrate", args.base, reviewed, work / f"recal-{n}.pt")
             if args.adapt_bn:
-                recalibrate(args.base, images, labels, work / f"bn-{n}.pt", args.target_sensitivity, args.site,
-                            confidence, site_images=[p for _, p, _ in pool], site_weight=args.adapt_bn_weight)
-                m = judge(work / f"bn-{n}.pt", test_dir)
-                print(f"{n:8d} {'adapt-bn':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
-                      f"{m['threshold']:9.3f}", flush=True)
+                adapt(n, "adapt-bn", args.base, reviewed, work / f"bn-{n}.pt", uploads)
             if args.finetune_minutes <= 0 and not args.finetune_epochs:
                 continue
             # each case carries its patient, as a DICOM upload's pseudonym would: the fine-tune
@@ -148,28 +157,10 @@ def main() -> None:
             m = judge(tuned, test_dir)
             print(f"{n:8d} {'retrain':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} {m['threshold']:9.3f}",
                   flush=True)
-            later = pool[n:]
-            try:
-                recalibrate(tuned, [p for _, p, _ in later], [int(c == "malignant") for *_, c in later],
-                            work / f"tuned-recal-{n}.pt", args.target_sensitivity, args.site, confidence)
-            except MLError as exc:
-                print(f"{n:8d} {'retrain+recal':12} (not enough later reviews: {exc})")
-                continue
-            m = judge(work / f"tuned-recal-{n}.pt", test_dir)
-            print(f"{n:8d} {'retrain+recal':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
-                  f"{m['threshold']:9.3f}  (on the other {len(later)} pool cases)", flush=True)
-            if args.adapt_bn:
-                try:   # the images the fine-tune trained on are left out of the statistics too
-                    recalibrate(tuned, [p for _, p, _ in later], [int(c == "malignant") for *_, c in later],
-                                work / f"tuned-bn-{n}.pt", args.target_sensitivity, args.site, confidence,
-                                site_images=[p for _, p, _ in pool], site_weight=args.adapt_bn_weight)
-                except MLError as exc:
-                    print(f"{n:8d} {'retrain+bn':12} (not enough of the site's images: {exc})")
-                    continue
-                m = judge(work / f"tuned-bn-{n}.pt", test_dir)
-                print(f"{n:8d} {'retrain+bn':12} {m['roc_auc']:8.3f} {m['sensitivity']:6.3f} {m['specificity']:6.3f} "
-                      f"{m['threshold']:9.3f}  (on the other {len(later)} pool cases)", flush=True)
-
+            later, note = pool[n:], f"  (on the other {len(pool) - n} pool cases)"
+            if adapt(n, "retrain+recal", tuned, later, work / f"tuned-recal-{n}.pt", note=note) and args.adapt_bn:
+                # the images the fine-tune trained on are left out of the statistics too
+                adapt(n, "retrain+bn", tuned, later, work / f"tuned-bn-{n}.pt", uploads, note=note)
 
 if __name__ == "__main__":
     main()

@@ -29,19 +29,33 @@ MIN_MALIGNANT = 5
 SITE_THRESHOLD_CONFIDENCE = 0.8
 
 
-def malignancy_logits(predictor: Predictor, images: Sequence[str | Path], batch_size: int = 32,
-                      hashed: list | None = None) -> np.ndarray:
-    """The uncalibrated malignancy logit of each image, preprocessed as the worker does.
-    With ``hashed`` (a list), the model-size uint8 images are appended to it as well, for
-    the leakage guard's near-copy hash."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        uint8 = predictor.to_uint8(list(images[start:start + batch_size]))
-        if hashed is not None:
-            hashed.append(uint8)
-        output = predictor.outputs(predictor.normalised(uint8))
-        out.append(model_malignancy_logit(predictor.model, output).double())
+def malignancy_logits(predictor: Predictor, images: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
+    """The uncalibrated malignancy logit of each image, preprocessed as the worker does."""
+    return logits_of(predictor, model_inputs(predictor, images), batch_size)
+
+
+def model_inputs(predictor: Predictor, images: Sequence[str | Path], batch_size: int = 64) -> torch.Tensor:
+    """The model-size uint8 images (N x 3 x S x S), read once."""
+    images = list(images)
+    if not images:
+        return torch.zeros(0, 3, predictor.input_size, predictor.input_size, dtype=torch.uint8)
+    return torch.cat([predictor.to_uint8(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def logits_of(predictor: Predictor, uint8: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    """The uncalibrated malignancy logit of each of ``model_inputs``' images."""
+    out = [model_malignancy_logit(predictor.model, predictor.outputs(predictor.normalised(uint8[i:i + batch_size]))).double()
+           for i in range(0, len(uint8), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def seen_by_model(predictor: Predictor, images: Sequence[str | Path], uint8: torch.Tensor) -> np.ndarray:
+    """True per image the checkpoint was trained or validated on (the leakage guard's record:
+    the same file or a near copy); all False when it recorded none."""
+    from ml.evaluate import overlap_with_training
+
+    overlap = overlap_with_training(predictor, [Path(p) for p in images], uint8) if len(images) else None
+    return (overlap[0] | overlap[1]) if overlap is not None else np.zeros(len(images), dtype=bool)
 
 
 def fit_site_threshold(logits: np.ndarray, malignant: np.ndarray, target_sensitivity: float,
@@ -146,16 +160,13 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
     images the checkpoint saw are left out, at least MIN_ADAPT_IMAGES must remain), and the
     calibration and threshold are fitted on the adapted network's scores.
     """
-    from ml.evaluate import overlap_with_training
-
     y = np.asarray(malignant, dtype=int)
     images = list(images)
     predictor = Predictor.from_checkpoint(checkpoint, "cpu")
-    hashed: list = []
-    logits = malignancy_logits(predictor, images, hashed=hashed)
-    overlap = overlap_with_training(predictor, [Path(p) for p in images], torch.cat(hashed)) if images else None
-    seen = (overlap[0] | overlap[1]) if overlap is not None else np.zeros(len(y), dtype=bool)
-    y, logits = y[~seen], logits[~seen]
+    uint8 = model_inputs(predictor, images)
+    seen = seen_by_model(predictor, images, uint8)
+    uint8, y = uint8[torch.from_numpy(~seen)], y[~seen]
+    logits = logits_of(predictor, uint8)
     left_out = int(seen.sum())
     if len(y) < MIN_CASES or y.sum() < MIN_MALIGNANT or (1 - y).sum() < MIN_MALIGNANT:
         note = (f" ({left_out} more were left out: the model was trained or validated on them; recalibrate "
@@ -166,10 +177,9 @@ def recalibrate(checkpoint: str | Path, images: Sequence[str | Path], malignant:
     batchnorm = None
     if site_images is not None:
         batchnorm = _adapt_to_site(predictor, list(site_images), site_weight)
-        kept = [p for p, s in zip(images, seen) if not s]
         # the reviewed labels played no part in the adaptation: a fair, if small, comparison
         batchnorm["roc_auc_before"] = roc_auc(y, logits)
-        logits = malignancy_logits(predictor, kept)
+        logits = logits_of(predictor, uint8)
         batchnorm["roc_auc_after"] = roc_auc(y, logits)
     calibration, threshold = fit_site_threshold(logits, y, target_sensitivity, confidence)
     after = calibrated(logits, calibration)
@@ -207,13 +217,9 @@ MAX_ADAPT_IMAGES = 2000
 def _adapt_to_site(predictor: Predictor, site_images: list, weight: float) -> dict[str, Any]:
     """Re-estimate ``predictor.model``'s batch-normalisation statistics on the site's images
     it was not trained or validated on; what was used, for the checkpoint's record."""
-    from ml.evaluate import overlap_with_training
-
     site_images = site_images[:MAX_ADAPT_IMAGES]
-    uint8 = (torch.cat([predictor.to_uint8(site_images[i:i + 64]) for i in range(0, len(site_images), 64)])
-             if site_images else torch.zeros(0, 3, predictor.input_size, predictor.input_size, dtype=torch.uint8))
-    overlap = overlap_with_training(predictor, [Path(p) for p in site_images], uint8) if site_images else None
-    seen = (overlap[0] | overlap[1]) if overlap is not None else np.zeros(len(site_images), dtype=bool)
+    uint8 = model_inputs(predictor, site_images)
+    seen = seen_by_model(predictor, site_images, uint8)
     uint8 = uint8[torch.from_numpy(~seen)]
     if len(uint8) < MIN_ADAPT_IMAGES:
         raise MLError(f"re-estimating the network's statistics needs at least {MIN_ADAPT_IMAGES} of the site's images "
