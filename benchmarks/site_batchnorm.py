@@ -50,13 +50,14 @@ def logits(model: torch.nn.Module, predictor: Predictor, images: torch.Tensor) -
     return model_malignancy_logit(model, out).double().numpy()
 
 
-def compare(predictor: Predictor, adapt_on: torch.Tensor, test, site: str, weight: float) -> dict:
+def compare(predictor: Predictor, adapt_on: torch.Tensor, test, site: str, weight: float,
+            stages: int | None = None) -> dict:
     """Base and adapted ROC-AUC on ``test`` and their paired difference with its interval."""
     y = test.targets.numpy().astype(int)
     groups = [patient_of(Path(p), site) for p in test.paths]
     base = logits(predictor.model, predictor, test.images)
     model = copy.deepcopy(predictor.model)
-    adapt_batchnorm(model, site_batches(predictor, adapt_on), weight)
+    adapt_batchnorm(model, site_batches(predictor, adapt_on), weight, stages)
     adapted = logits(model, predictor, test.images)
     lo, hi = patient_bootstrap(y, adapted, groups, baseline=base)
     return {"base": roc_auc(y, base), "adapted": roc_auc(y, adapted), "ci": (lo, hi), "n": len(y),
@@ -69,17 +70,20 @@ def main() -> None:
     ap.add_argument("--site", default="bus-uclm", choices=list(SITES))
     ap.add_argument("--seeds", default="0,1,2", help="patient splits of the site into pool and test part")
     ap.add_argument("--weights", default="1", help="weight of the site's statistics (1: only the site's)")
+    ap.add_argument("--stages", default="all",
+                    help="which layers to re-estimate: all, or k for the stem and layer1..layerk (e.g. all,1,2)")
     ap.add_argument("--images", type=int, default=None, help="adapt on the first N pool images only (default: all)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     predictor = Predictor.from_checkpoint(args.model, "cpu")
-    weights = [float(w) for w in args.weights.split(",")]
+    variants = [(float(w), None if k == "all" else int(k))
+                for w in args.weights.split(",") for k in args.stages.split(",")]
     print(f"{args.model} on {args.site}: batch-normalisation statistics re-estimated on the site's images")
-    print(f"{'split':>8} {'weight':>6} {'images':>6} {'test n (mal)':>13} {'ROC-AUC before':>15} {'after':>6}  "
+    print(f"{'split':>8} {'weight':>6} {'stages':>6} {'images':>6} {'test n (mal)':>13} {'ROC-AUC before':>15} {'after':>6}  "
           f"paired difference (95 % CI by patient)")
-    diffs = {w: [] for w in weights}
+    diffs = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="site-bn-") as tmp:
         work = Path(tmp)
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -87,19 +91,19 @@ def main() -> None:
             pool = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))][:args.images]
             pool_c = cached(predictor, link_folder(work / f"pool-{seed}", pool))
             test_c = cached(predictor, link_folder(work / f"test-{seed}", test))
-            for w in weights:
-                r = compare(predictor, pool_c.images, test_c, args.site, w)
-                diffs[w].append(r["adapted"] - r["base"])
-                print(f"{seed:8d} {w:6.2f} {r['images']:6d} {r['n']:6d} ({r['n_malignant']:3d}) {r['base']:15.3f} "
+            for w, k in variants:
+                r = compare(predictor, pool_c.images, test_c, args.site, w, k)
+                diffs[w, k].append(r["adapted"] - r["base"])
+                print(f"{seed:8d} {w:6.2f} {'all' if k is None else k:>6} {r['images']:6d} {r['n']:6d} ({r['n_malignant']:3d}) {r['base']:15.3f} "
                       f"{r['adapted']:6.3f}  {r['adapted'] - r['base']:+.3f} ({r['ci'][0]:+.3f} to {r['ci'][1]:+.3f})",
                       flush=True)
         whole = cached(predictor, link_folder(work / "whole", site_files(args.site)))
-        for w in weights:
-            r = compare(predictor, whole.images, whole, args.site, w)
-            print(f"{'whole':>8} {w:6.2f} {r['images']:6d} {r['n']:6d} ({r['n_malignant']:3d}) {r['base']:15.3f} "
+        for w, k in variants:
+            r = compare(predictor, whole.images, whole, args.site, w, k)
+            print(f"{'whole':>8} {w:6.2f} {'all' if k is None else k:>6} {r['images']:6d} {r['n']:6d} ({r['n_malignant']:3d}) {r['base']:15.3f} "
                   f"{r['adapted']:6.3f}  {r['adapted'] - r['base']:+.3f} ({r['ci'][0]:+.3f} to {r['ci'][1]:+.3f})")
-    for w in weights:
-        print(f"mean difference over the splits, weight {w:.2f}: {np.mean(diffs[w]):+.3f}")
+    for (w, k), d in diffs.items():
+        print(f"mean difference over the splits, weight {w:.2f}, stages {'all' if k is None else k}: {np.mean(d):+.3f}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,17 @@ def fit_site_threshold(logits: np.ndarray, malignant: np.ndarray, target_sensiti
 MIN_ADAPT_IMAGES = 50
 
 
-def adapt_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], weight: float = 1.0) -> int:
+def batchnorm_stage(name: str) -> int:
+    """The ResNet stage a batch-normalisation layer belongs to: 0 for the stem's ``bn1``,
+    k for anything inside ``layerk`` (ensemble members' prefixes are ignored)."""
+    for part in name.split("."):
+        if part.startswith("layer") and part[5:].isdigit():
+            return int(part[5:])
+    return 0
+
+
+def adapt_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], weight: float = 1.0,
+                    stages: int | None = None) -> int:
     """Re-estimate the running mean and variance of every batch-normalisation layer of
     ``model`` on ``batches`` (normalised inputs of one site; no labels, no gradient), in
     place, and return the number of images seen. ``weight`` 1 keeps only the site's
@@ -80,8 +90,11 @@ def adapt_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], wei
     were trained to see them centred on the training sites' statistics. Measuring the
     statistics on the site's own images re-centres them there ("AdaBN", Li et al.,
     "Revisiting batch normalization for practical domain adaptation", ICLR workshop 2017).
-    Each batch counts equally (a cumulative average), so give batches of similar size."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    Each batch counts equally (a cumulative average), so give batches of similar size.
+    ``stages`` k re-estimates only the stem and ``layer1``..``layerk`` (None: every layer)."""
+    layers = [m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+              and (stages is None or batchnorm_stage(name) <= stages)]
     if not layers:
         raise MLError("this model has no batch normalisation layers to adapt")
     if not 0 < weight <= 1:

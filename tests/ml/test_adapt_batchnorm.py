@@ -81,3 +81,17 @@ def test_no_images_leaves_the_statistics_and_bad_arguments_are_refused(trained_n
         adapt_batchnorm(trained_net, [_grey(4)], weight=0)
     with pytest.raises(MLError, match="no batch normalisation"):
         adapt_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), [_grey(2)])
+
+
+def test_stages_limits_the_re_estimation_to_the_stem_and_the_first_stages(trained_net):
+    """``stages=1`` re-measures the stem's and layer1's statistics and leaves layer2..4 as
+    trained, in a plain network and inside an ensemble's members alike."""
+    from ml.adapt import batchnorm_stage
+    assert [batchnorm_stage(n) for n in ("bn1", "layer1.0.bn2", "members.1.layer4.0.downsample.1",
+                                         "members.0.bn1")] == [0, 1, 4, 0]
+    saved = {k: v.clone() for k, v in trained_net.state_dict().items()}
+    adapt_batchnorm(trained_net, [_grey(16, seed=6) * 2.0 - 0.3], stages=1)
+    changed = {k.rsplit(".", 1)[0] for k, v in trained_net.state_dict().items()
+               if k.endswith("running_mean") and not torch.equal(v, saved[k])}
+    assert "bn1" in changed and "layer1.1.bn2" in changed
+    assert all(batchnorm_stage(name) <= 1 for name in changed), changed
