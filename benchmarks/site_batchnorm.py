@@ -5,6 +5,7 @@ labels) rank that site's next cases better?
     .venv/bin/python benchmarks/site_batchnorm.py demo/model.pt                      # BUS-UCLM
     .venv/bin/python benchmarks/site_batchnorm.py loso/busi+bus-uclm.pt --site breast-lesions-usg
     .venv/bin/python benchmarks/site_batchnorm.py MODEL --site busi --weights 1,0.5 --images 50
+    .venv/bin/python benchmarks/site_batchnorm.py MODEL --site busi --stages all,1,2   # first stages only
 
 For each --seeds split, the site is split by patient (benchmarks/site_adaptation.py) into a
 pool (the site's uploads so far) and a test part (its next cases). The statistics are
@@ -64,6 +65,12 @@ def compare(predictor: Predictor, adapt_on: torch.Tensor, test, site: str, weigh
             "n_malignant": int(y.sum()), "images": len(adapt_on)}
 
 
+def line(label, weight: float, stages: int | None, r: dict) -> str:
+    return (f"{label:>8} {weight:6.2f} {'all' if stages is None else stages:>6} {r['images']:6d} {r['n']:6d} "
+            f"({r['n_malignant']:3d}) {r['base']:15.3f} {r['adapted']:6.3f}  {r['adapted'] - r['base']:+.3f} "
+            f"({r['ci'][0]:+.3f} to {r['ci'][1]:+.3f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -94,14 +101,11 @@ def main() -> None:
             for w, k in variants:
                 r = compare(predictor, pool_c.images, test_c, args.site, w, k)
                 diffs[w, k].append(r["adapted"] - r["base"])
-                print(f"{seed:8d} {w:6.2f} {'all' if k is None else k:>6} {r['images']:6d} {r['n']:6d} ({r['n_malignant']:3d}) {r['base']:15.3f} "
-                      f"{r['adapted']:6.3f}  {r['adapted'] - r['base']:+.3f} ({r['ci'][0]:+.3f} to {r['ci'][1]:+.3f})",
-                      flush=True)
+                print(line(seed, w, k, r), flush=True)
         whole = cached(predictor, link_folder(work / "whole", site_files(args.site)))
         for w, k in variants:
             r = compare(predictor, whole.images, whole, args.site, w, k)
-            print(f"{'whole':>8} {w:6.2f} {'all' if k is None else k:>6} {r['images']:6d} {r['n']:6d} ({r['n_malignant']:3d}) {r['base']:15.3f} "
-                  f"{r['adapted']:6.3f}  {r['adapted'] - r['base']:+.3f} ({r['ci'][0]:+.3f} to {r['ci'][1]:+.3f})")
+            print(line("whole", w, k, r), flush=True)
     for (w, k), d in diffs.items():
         print(f"mean difference over the splits, weight {w:.2f}, stages {'all' if k is None else k}: {np.mean(d):+.3f}")
 
