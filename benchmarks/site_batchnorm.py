@@ -85,8 +85,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     predictor = Predictor.from_checkpoint(args.model, "cpu")
-    variants = [(float(w), None if k == "all" else int(k))
-                for w in args.weights.split(",") for k in args.stages.split(",")]
+    stages = args.stages.split(",")
+    if any(k != "all" and not (k.isdigit() and 0 <= int(k) <= 4) for k in stages):
+        ap.error(f"--stages takes 'all' or a stage 0-4, comma-separated, not {args.stages!r}")
+    variants = [(float(w), None if k == "all" else int(k)) for w in args.weights.split(",") for k in stages]
     print(f"{args.model} on {args.site}: batch-normalisation statistics re-estimated on the site's images")
     print(f"{'split':>8} {'weight':>6} {'stages':>6} {'images':>6} {'test n (mal)':>13} {'ROC-AUC before':>15} {'after':>6}  "
           f"paired difference (95 % CI by patient)")

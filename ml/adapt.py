@@ -96,7 +96,8 @@ def adapt_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], wei
               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
               and (stages is None or batchnorm_stage(name) <= stages)]
     if not layers:
-        raise MLError("this model has no batch normalisation layers to adapt")
+        where = "" if stages is None else f" up to stage {stages} (0: the stem)"
+        raise MLError(f"this model has no batch normalisation layers to adapt{where}")
     if not 0 < weight <= 1:
         raise MLError(f"the site statistics' weight must lie in (0, 1], not {weight}")
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
