@@ -35,6 +35,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         static_folder=str(PROJECT_ROOT / "static"),
     )
     app.config.update(settings)
+    from webapp.requests import AppRequest
+
+    app.request_class = AppRequest
     make_private(Path(app.instance_path), directory=True)
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite:///"):
         # SQLite gives its WAL and shared-memory files the database file's mode, so a
