@@ -99,6 +99,9 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # keeps a per-site pseudonymous patient key (HMAC-SHA256 of the Patient ID under this
         # secret); unset (the default), nothing derived from the Patient ID is kept.
         "DICOM_PATIENT_KEY_SECRET": _env("DICOM_PATIENT_KEY_SECRET"),
+        # A deflated DICOM file is refused, unread, if its data set would inflate beyond this
+        # (a 1 MB file of zeros can inflate to gigabytes: webapp.dicom.check_inflated_size).
+        "DICOM_MAX_EXPANDED_BYTES": _env_int("DICOM_MAX_EXPANDED_MB", 256) * 1024 * 1024,
         # The worker decodes images at most this many pixels on the longer side (the model
         # reads 128-224 px; the heatmap and overlay are drawn at this size for the viewer).
         "WORKER_IMAGE_MAX_SIDE": _env_int("WORKER_IMAGE_MAX_SIDE", 2048),

@@ -31,6 +31,7 @@ import hmac
 import io
 import re
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,9 +249,6 @@ class DicomImage:
     meta: dict[str, Any] = field(default_factory=dict)
     burned_in_annotation: bool | None = None  # YES / NO / not stated
     patient_key: str | None = None
-    #: Identifying strings found in the file (patient name parts, IDs, birth date): used
-    #: to clean the file name the uploader gave, never stored.
-    identifiers: tuple[str, ...] = ()
 
 
 def looks_like_dicom(data: bytes, filename: str | None = None) -> bool:
@@ -337,26 +335,6 @@ def patient_key(ds: Dataset, secret: str | None) -> str | None:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:32]
 
 
-def _identifiers(ds: Dataset) -> tuple[str, ...]:
-    """Strings of the original file that identify the patient (to clean the file name)."""
-    found: set[str] = set()
-    for keyword in ("PatientName", "OtherPatientNames", "PatientBirthName"):
-        for name in _values(ds.get(keyword) or []):
-            found.update(p for p in re.split(r"[\^=\s,]+", str(name)) if len(p) >= 2)
-    for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientBirthDate", "MedicalRecordLocator"):
-        for value in _values(ds.get(keyword) or []):
-            if len(str(value).strip()) >= 2:
-                found.add(str(value).strip())
-    return tuple(sorted(found, key=len, reverse=True))
-
-
-def mask_identifiers(name: str, identifiers: tuple[str, ...]) -> str:
-    """``name`` with every identifying string of the file (case-insensitive) replaced."""
-    for value in identifiers:
-        name = re.sub(re.escape(value), "x", name, flags=re.IGNORECASE)
-    return name
-
-
 # ------------------------------------------------------------------ pixels
 
 def _frame_count(ds: Dataset) -> int:
@@ -421,10 +399,45 @@ def _colour_to_8bit(frame: np.ndarray, ds: Dataset) -> np.ndarray:
     return _to_uint8(frame, 0, 2**bits - 1)
 
 
+#: What a deflated DICOM file may inflate to by default (``DICOM_MAX_EXPANDED_MB``).
+MAX_EXPANDED_BYTES = 256 * 1024 * 1024
+DEFLATED = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian
+
+
+def check_inflated_size(data: bytes, limit: int) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose data set inflates to more than
+    ``limit`` bytes, before pydicom inflates it whole: a 1 MB file of zeros can otherwise
+    take gigabytes of memory (a deflate bomb). Inflated in 1 MB steps and counted, so this
+    check itself holds at most about 1 MB. Other transfer syntaxes expand only by their pixel
+    data, which the pixel limit bounds, and only one frame is decoded."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, force=data[MAGIC_OFFSET:MAGIC_OFFSET + 4] != MAGIC)
+        syntax = str(_read_file_meta_info(fp).get("TransferSyntaxUID", ""))
+    except Exception:  # noqa: BLE001 - not readable here: dcmread says why, in its own words
+        return
+    if syntax != DEFLATED:
+        return
+    inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[fp.tell():], 0
+    try:
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, 1 << 20))
+            if total > limit:
+                raise DicomRejected(f"its compressed (deflated) data expand to more than {limit // (1024 * 1024)} MB; "
+                                    "an ultrasound image needs far less, so the file was refused unread")
+            pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise DicomRejected(f"its deflated data are damaged ({exc})") from None
+
+
 def read_dicom(data: bytes, *, max_pixels: int, patient_key_secret: str | None = None,
-               uid_salt: bytes = b"breast-review") -> DicomImage:
+               uid_salt: bytes = b"breast-review", max_expanded_bytes: int = MAX_EXPANDED_BYTES) -> DicomImage:
     """De-identify ``data`` (a DICOM file) and return its image as a PNG; raise
-    DicomRejected with a message for the uploader when it cannot be used."""
+    DicomRejected with a message for the uploader when it cannot be used (including a
+    deflated file that would inflate beyond ``max_expanded_bytes``)."""
+    check_inflated_size(data, max_expanded_bytes)
     # pydicom warns about every small deviation from the standard that it can read past;
     # what it cannot read past raises, and that is what the uploader is told.
     with warnings.catch_warnings():
@@ -443,7 +456,6 @@ def _read_dicom(data: bytes, max_pixels: int, patient_key_secret: str | None, ui
         raise DicomRejected("it is not a readable DICOM file")
     # Everything identifying is taken now, then removed before anything else happens.
     key = patient_key(ds, patient_key_secret)
-    identifiers = _identifiers(ds)
     try:
         deidentify(ds, uid_salt)
     except Exception as exc:  # noqa: BLE001 - a file we cannot clean is a file we refuse
@@ -504,7 +516,7 @@ def _read_dicom(data: bytes, max_pixels: int, patient_key_secret: str | None, ui
                  "burned_in_annotation": burned if burned in ("YES", "NO") else None, "deidentified": "PS3.15 Annex E basic profile"})
     return DicomImage(png=buffer.getvalue(), width=cols, height=rows, meta=meta,
                       burned_in_annotation={"YES": True, "NO": False}.get(burned),
-                      patient_key=key, identifiers=identifiers)
+                      patient_key=key)
 
 
 # ------------------------------------------------------------------ metadata
@@ -538,14 +550,30 @@ def _pixel_spacing(ds: Dataset) -> tuple[list[float] | None, str | None]:
     return None, None
 
 
+# The commonest view codes (PS3.16 CID 4014, "View for Mammography"), by coding scheme and
+# code value; any other code is shown as its code: the only view text shown is ours, never a CodeMeaning from the file,
+# which is free text and has carried a patient's name.
+VIEW_CODES = {
+    ("SRT", "R-10242"): "cranio-caudal", ("SCT", "399162004"): "cranio-caudal",
+    ("SRT", "R-10226"): "medio-lateral oblique", ("SCT", "399368009"): "medio-lateral oblique",
+    ("SRT", "R-10224"): "medio-lateral", ("SCT", "399260004"): "medio-lateral",
+    ("SRT", "R-10228"): "latero-medial", ("SCT", "399352003"): "latero-medial",
+}
+_CODE = re.compile(r"[A-Za-z0-9.\-]{1,16}")
+
+
 def _view(ds: Dataset) -> str | None:
-    view = _text(ds, "ViewPosition")
-    if view:
+    """ViewPosition (a coded string: CC, MLO, ...), else the first ViewCodeSequence item as a
+    known view's name or its bare code ("code SCT 12345"). CodeMeaning is never read."""
+    view = _text(ds, "ViewPosition", 16)
+    if view and re.fullmatch(r"[A-Z0-9 _]{1,16}", view):
         return view
     for item in ds.get("ViewCodeSequence") or []:
-        meaning = _text(item, "CodeMeaning")
-        if meaning:
-            return meaning
+        scheme, value = (_text(item, "CodingSchemeDesignator", 16) or "", _text(item, "CodeValue", 16) or "")
+        if (scheme, value) in VIEW_CODES:
+            return VIEW_CODES[scheme, value]
+        if _CODE.fullmatch(scheme) and _CODE.fullmatch(value):
+            return f"code {scheme} {value}"
     return None
 
 

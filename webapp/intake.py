@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,7 +57,7 @@ class PreparedImage:
     """What is stored for one accepted file, and the case fields that describe it."""
     data: bytes  # the bytes stored: the upload itself, or the PNG derived from a DICOM
     info: ImageInfo
-    name: str  # the display name (for DICOM, cleaned of the patient's identifiers)
+    name: str  # the display name (for DICOM a neutral one: intake.neutral_dicom_name)
     case_fields: dict = field(default_factory=dict)
 
 
@@ -121,11 +122,13 @@ def prepare_upload(filename: str | None, data: bytes) -> PreparedImage:
         try:
             image = dicom.read_dicom(data, max_pixels=cfg["MAX_IMAGE_PIXELS"],
                                      patient_key_secret=cfg.get("DICOM_PATIENT_KEY_SECRET"),
-                                     uid_salt=str(cfg["SECRET_KEY"]).encode())
+                                     uid_salt=str(cfg["SECRET_KEY"]).encode(),
+                                     max_expanded_bytes=cfg["DICOM_MAX_EXPANDED_BYTES"])
         except dicom.DicomRejected as exc:
             raise ImageRejected(str(exc)) from None
-        # A PACS export often names files after the patient: the name shown is cleaned too.
-        name = display_name(dicom.mask_identifiers(name, image.identifiers))
+        # A PACS export often names files after the patient, in more spellings than any mask
+        # catches ("Doe, Janette (12.04.1961).dcm"): a DICOM upload keeps no name of its own.
+        name = neutral_dicom_name(image.png)
         return PreparedImage(image.png, ImageInfo("PNG", image.width, image.height), name, {
             "source_format": "DICOM", "dicom_meta": image.meta,
             "burned_in_annotation": image.burned_in_annotation, "patient_key": image.patient_key})
@@ -135,9 +138,41 @@ def prepare_upload(filename: str | None, data: bytes) -> PreparedImage:
 
 def display_name(filename: str | None) -> str:
     """The file's own name without any folder part, control or format characters (NUL,
-    escapes, right-to-left override), for display only."""
+    escapes, right-to-left override), dates or identifier-like tokens
+    (:func:`mask_identifier_tokens`), for display only."""
     name = PurePath(clean_filename(filename or "").replace("\\", "/")).name.strip()
-    return (name or "unnamed")[:255]
+    return (mask_identifier_tokens(name) or "unnamed")[:255]
+
+
+# Dates in the spellings file names use: 1961-04-12, 12.04.1961, 04/12/61, 19610412.
+_DATE = re.compile(r"(?<!\d)(?:(?:19|20)\d\d[-._/]\d{1,2}[-._/]\d{1,2}|\d{1,2}[-._/]\d{1,2}[-._/](?:19|20)?\d\d"
+                   r"|(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))(?!\d)")
+# A token (between spaces, underscores, dots, commas, brackets) that mixes letters with four
+# or more digits (mrn7741xqz, MRN-7741-XQZ), or a bare number of six digits or more.
+_TOKEN = re.compile(r"[^\s_.,()\[\]{}]+")
+
+
+def _identifier_like(token: str) -> bool:
+    digits = sum(ch.isdigit() for ch in token)
+    letters = any(ch.isalpha() for ch in token)
+    return (letters and digits >= 4) or (not letters and digits >= 6)
+
+
+def mask_identifier_tokens(name: str) -> str:
+    """``name`` with dates and identifier-like tokens replaced by "x" (the extension kept).
+    Names are not guessed: a DICOM upload keeps no file name at all (:func:`neutral_dicom_name`)."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not ext.isalnum() or len(ext) > 5:
+        stem, dot, ext = name, "", ""
+    stem = _DATE.sub("x", stem)
+    stem = _TOKEN.sub(lambda m: "x" if _identifier_like(m.group()) else m.group(), stem)
+    return stem + dot + ext
+
+
+def neutral_dicom_name(png: bytes) -> str:
+    """What a DICOM upload is called: nothing from the uploaded file name, only a short
+    digest of the de-identified image (so two uploads can be told apart)."""
+    return f"DICOM image {hashlib.sha256(png).hexdigest()[:8]}"
 
 
 def existing_case(digest: str, uploader: User) -> Case | None:

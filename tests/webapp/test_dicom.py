@@ -6,6 +6,7 @@ the database files, every page, the API's JSON and the feedback export."""
 from __future__ import annotations
 
 import io
+import re
 import time
 from pathlib import Path
 
@@ -290,7 +291,7 @@ def test_the_same_image_in_another_dicom_file_is_a_duplicate(app, client):
     assert first.status_code == 303
     # Other UIDs, another patient: the same pixels are the same image (sha256 of the PNG).
     again = _page_upload(client, ("b.dcm", dicom_bytes(ramp(), PatientName="Someone^Else")), follow_redirects=True)
-    assert "b.dcm is the same image as" in again.data.decode()
+    assert re.search(r"DICOM image [0-9a-f]{8} is the same image as", again.data.decode())
     cases = _cases(app)
     assert len(cases) == 1 and cases[0].source_format == "DICOM" and cases[0].image_format == "PNG"
     stored = app.extensions["file_store"].path(cases[0].image_key).read_bytes()
@@ -316,7 +317,8 @@ def test_the_case_page_shows_the_metadata_frame_rule_and_burned_in_annotation(ap
     assert response.status_code == 200
     page = response.data.decode()
     assert 'id="burned-in-warning"' in page and "BurnedInAnnotation = YES" in page
-    for shown in ("Acme Sonics · Sono 9", "left", "transverse", "0.125 × 0.125 mm", "frame 4 of 7",
+    # the view is its code: the file's CodeMeaning is free text and is never shown
+    for shown in ("Acme Sonics · Sono 9", "left", "code SCT 399067008", "0.125 × 0.125 mm", "frame 4 of 7",
                   "the middle frame of the clip", "US"):
         assert shown in page, shown
     plain = _page_upload(client, ("plain.png", _png()), follow_redirects=True).data.decode()
@@ -365,7 +367,7 @@ def test_name_and_id_are_nowhere_after_upload_prediction_review_and_export(make_
                 break
             time.sleep(0.1)
     assert [c.status for c in _cases(app)] == ["done", "done"], [c.error for c in _cases(app)]
-    assert case["original_filename"] == "x_x_x.dcm" and case["source_format"] == "DICOM"
+    assert case["original_filename"].startswith("DICOM image ") and case["source_format"] == "DICOM"
     assert case["dicom"]["manufacturer"] == "Acme Sonics" and case["dicom"]["burned_in_annotation"] == "YES"
     assert case["dicom"]["patient_key"] and len(case["dicom"]["patient_key"]) == 32
 
@@ -412,3 +414,98 @@ def test_name_and_id_are_nowhere_after_upload_prediction_review_and_export(make_
 
         events = db.session.scalars(select(AuditEvent).where(AuditEvent.action == "case.upload")).all()
         assert [e.details.get("source") for e in events] == ["DICOM", "DICOM"]
+
+
+# ------------------------------------------------------------------ issue 31: bombs and names
+
+def deflated_dicom(padding_bytes: int) -> bytes:
+    """An 8 x 8 ultrasound image in Deflated Explicit VR Little Endian, carrying
+    ``padding_bytes`` of zeros in a private OB element: tiny on disk, large inflated."""
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dcmread(io.BytesIO(dicom_bytes(ramp(8, 8), identified=False)))
+    ds.add_new(0x00111010, "LO", "padding")
+    ds.add_new(0x00111011, "OB", b"\0" * padding_bytes)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(make_app):
+    import tracemalloc
+
+    from webapp.dicom import DicomRejected, read_dicom
+
+    small = deflated_dicom(1024)
+    assert png_pixels(read(small).png).shape == (8, 8)          # a normal deflated file still reads
+    bomb = deflated_dicom(64 * 1024 * 1024)
+    assert len(bomb) < 200_000
+    tracemalloc.start()
+    with pytest.raises(DicomRejected, match="expand to more than 16 MB"):
+        read_dicom(bomb, max_pixels=10_000_000, max_expanded_bytes=16 * 1024 * 1024)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, peak                         # the check never held the inflated data
+
+    app = make_app(DICOM_MAX_EXPANDED_BYTES=16 * 1024 * 1024)
+    add_user(app, "doc@example.org")
+    client = app.test_client()
+    login(client, "doc@example.org")
+    response = _page_upload(client, ("bomb.dcm", bomb), follow_redirects=True)
+    assert "bomb.dcm was not accepted" in response.data.decode() and "expand to more than 16 MB" in response.data.decode()
+    assert _cases(app) == []
+
+
+JANETTE = dict(PatientName="Doe^Janette^Quinby", PatientID="MRN-7741-XQZ", PatientBirthDate="19610412",
+               InstitutionName="Saint Exampleton Hospital")
+JANETTE_NAMES = ["JANETTE DOE 1961-04-12.dcm", "mrn7741xqz.dcm", "Saint_Exampleton_Hospital_Quinby.dcm",
+                 "Doe, Janette (12.04.1961).dcm"]
+
+
+def test_a_dicom_upload_keeps_no_file_name_and_no_free_text_view(app, client):
+    from webapp.models import Case
+
+    add_user(app, "doc@example.org")
+    login(client, "doc@example.org")
+    view = Dataset()
+    view.CodeValue, view.CodingSchemeDesignator, view.CodeMeaning = "399162004", "SCT", "cranio-caudal Doe Janette"
+    for k, name in enumerate(JANETTE_NAMES):
+        data = dicom_bytes(ramp() + k, identified=False, ViewCodeSequence=[view], **JANETTE)
+        assert _page_upload(client, (name, data)).status_code == 303
+    with app.app_context():
+        cases = db_cases(app)
+        assert len(cases) == 4
+        for case in cases:
+            assert case.original_filename.startswith("DICOM image ")
+            assert case.dicom_meta["view"] == "cranio-caudal"
+    for case_id in range(1, 5):
+        page = client.get(f"/cases/{case_id}").data.decode()
+        for secret in ("Janette", "JANETTE", "Doe", "Quinby", "7741", "1961", "Exampleton"):
+            assert secret not in page, (case_id, secret)
+
+
+def db_cases(app):
+    from webapp.extensions import db
+    from webapp.models import Case
+
+    return list(db.session.scalars(select(Case).order_by(Case.id)))
+
+
+def test_an_unknown_view_code_is_shown_as_its_code_never_its_meaning():
+    view = Dataset()
+    view.CodeValue, view.CodingSchemeDesignator, view.CodeMeaning = "12345", "99LOCAL", "transverse Doe Janette"
+    meta = read(dicom_bytes(ramp(), identified=False, ViewCodeSequence=[view])).meta
+    assert meta["view"] == "code 99LOCAL 12345"
+
+
+@pytest.mark.parametrize("uploaded,shown", [
+    ("JANETTE DOE 1961-04-12.png", "JANETTE DOE x.png"), ("mrn7741xqz.png", "x.png"),
+    ("Doe, Janette (12.04.1961).png", "Doe, Janette (x).png"), ("MRN-7741-XQZ.jpg", "x.jpg"),
+    ("scan 19610412.png", "scan x.png"), ("busi_malignant_080.png", "busi_malignant_080.png"),
+    ("benign (12).png", "benign (12).png")])
+def test_image_file_names_lose_dates_and_identifier_like_tokens(uploaded, shown):
+    from webapp.intake import display_name
+
+    assert display_name(uploaded) == shown
