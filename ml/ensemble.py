@@ -1,4 +1,5 @@
-"""Several trained ResNet18s as one model: the mean of their raw outputs.
+"""Several trained networks as one model: the mean of their raw outputs. Members may differ
+in architecture (ResNet18 beside EfficientNet-Lite0): both expose the same stages.
 
 Independently trained networks make partly independent mistakes, and on a hospital none of
 them saw, the mean of two ranks cases better than either one (docs/model-quality.md). The
@@ -27,31 +28,32 @@ from torch import nn
 
 from ml import MLError
 from ml.calibration import calibrated, fit_platt
-from ml.checkpoint import load_checkpoint, model_from_payload, save_checkpoint
+from ml.checkpoint import MIXED, load_checkpoint, member_architectures, model_from_payload, save_checkpoint
 from ml.hashing import file_sha256
 from ml.metrics import expected_calibration_error, operating_point, summarise, threshold_for_sensitivity
 
 log = logging.getLogger(__name__)
 
 # What every member must share for their outputs to be averaged and explained together.
-SHARED_META = ("architecture", "num_outputs", "class_names", "positive_classes", "labels", "input_size",
+SHARED_META = ("num_outputs", "class_names", "positive_classes", "labels", "input_size",
                "resize", "mean", "std", "layer4_stride", "input_norm")
 
 
 class _SideBySide(nn.Module):
-    """One stage of every member, each on its own equal share of the input channels (or, for
-    the stem, each on the whole image); the outputs are concatenated along the channels.
+    """One stage of every member, each on its own share of the input channels (``sizes``: the
+    previous stage's output channels of each member; or, for the stem, each on the whole
+    image); the outputs are concatenated along the channels.
 
     The members' modules are owned (and saved) by :class:`EnsembleNet`'s ``members``; they
     are kept here in a plain list so that they are not registered (and saved) twice."""
 
-    def __init__(self, parts: Sequence[nn.Module], shared_input: bool = False):
+    def __init__(self, parts: Sequence[nn.Module], sizes: Sequence[int] | None = None):
         super().__init__()
         self.parts = list(parts)
-        self.shared_input = shared_input
+        self.sizes = list(sizes) if sizes is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inputs = [x] * len(self.parts) if self.shared_input else x.chunk(len(self.parts), dim=1)
+        inputs = [x] * len(self.parts) if self.sizes is None else x.split(self.sizes, dim=1)
         return torch.cat([part(chunk) for part, chunk in zip(self.parts, inputs)], dim=1)
 
 
@@ -74,12 +76,12 @@ class _MeanHead(nn.Module):
         return torch.stack([h.bias for h in self.parts]).mean(dim=0)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        chunks = pooled.chunk(len(self.parts), dim=1)
+        chunks = pooled.split([h.in_features for h in self.parts], dim=1)
         return torch.stack([h(c) for h, c in zip(self.parts, chunks)]).mean(dim=0)
 
 
 class EnsembleNet(nn.Module):
-    """ResNet18 members whose raw outputs are averaged, shaped like one ResNet (module doc)."""
+    """Member networks whose raw outputs are averaged, shaped like one ResNet (module doc)."""
 
     is_ensemble = True
 
@@ -92,12 +94,13 @@ class EnsembleNet(nn.Module):
         if len(strides) > 1 or len(heads) > 1:
             raise MLError("ensemble members must share the layer4 stride and the number of outputs")
         self.members = nn.ModuleList(members)
-        self.conv1 = _SideBySide([nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool) for m in members],
-                                 shared_input=True)
+        self.conv1 = _SideBySide([nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool) for m in members])
         # features_and_logits applies bn1, relu and maxpool after conv1: here the stem did
         self.bn1, self.relu, self.maxpool = nn.Identity(), nn.Identity(), nn.Identity()
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            setattr(self, name, nn.Sequential(_SideBySide([getattr(m, name) for m in members])))
+        channels = _stage_channels(members)
+        for k, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+            setattr(self, name, nn.Sequential(_SideBySide([getattr(m, name) for m in members], channels[k])))
+        self.architectures = [getattr(m, "architecture", "resnet18") for m in members]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = _MeanHead([m.fc for m in members])
         self.layer4_stride = strides.pop()
@@ -111,12 +114,35 @@ class EnsembleNet(nn.Module):
         return features_and_logits(self, x)[1]
 
 
+def _stage_channels(members: Sequence[nn.Module]) -> list[list[int]]:
+    """For each of layer1..layer4, each member's input channels (its previous stage's output),
+    read off a tiny forward pass (the stride-2 stem needs at least a few pixels)."""
+    sizes = []
+    with torch.no_grad():
+        for m in members:
+            was_training = m.training
+            m.eval()
+            x, row = torch.zeros(1, 3, 64, 64), []
+            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            for name in ("layer1", "layer2", "layer3"):
+                row.append(x.shape[1])
+                x = getattr(m, name)(x)
+            row.append(x.shape[1])
+            m.train(was_training)
+            sizes.append(row)
+    return [list(col) for col in zip(*sizes)]
+
+
 def build_ensemble(n_members: int, num_outputs: int, positive: tuple[int, ...] | None, stride: int,
-                   input_norm: str = "fixed") -> EnsembleNet:
-    """An ensemble of ``n_members`` randomly initialised ResNet18s (weights are loaded after)."""
+                   input_norm: str = "fixed", archs: Sequence[str] | None = None) -> EnsembleNet:
+    """An ensemble of ``n_members`` randomly initialised networks, ``archs[k]`` each (default
+    all ResNet18; weights are loaded after)."""
     from ml.model import build_model
 
-    return EnsembleNet([build_model("none", num_outputs, positive, stride, input_norm) for _ in range(n_members)])
+    archs = list(archs or ["resnet18"] * n_members)
+    if len(archs) != n_members:
+        raise MLError(f"{n_members} members but {len(archs)} architectures")
+    return EnsembleNet([build_model("none", num_outputs, positive, stride, input_norm, a) for a in archs])
 
 
 def _union_seen(metas: Sequence[dict[str, Any]]) -> dict[str, list[str]] | None:
@@ -157,12 +183,13 @@ def check_members(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> None
 
 def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
             target_sensitivity: float | None = None, device: str | None = None,
-            half: bool | None = None, threshold_confidence: float | None = None) -> dict[str, Any]:
+            half: bool | None = None, threshold_confidence: float | None = None,
+            archs: Sequence[str] | None = None) -> dict[str, Any]:
     """Write ``out``: the ensemble of the member checkpoints ``paths``, with a Platt calibration
     and an operating threshold (for ``target_sensitivity``, default the members') fitted on
     their shared validation part of ``data`` (the folder they were trained on), by the
     threshold rule ``threshold_confidence`` (0: the in-sample rule; None: the members' own,
-    as recorded in their metadata).
+    as recorded in their metadata). ``archs``: the architectures members may have (None: any).
 
     Returns ``{"meta": .., "val_paths": .., "checkpoint": ..}``: the new metadata (its
     ``val_metrics`` holds the ensemble's validation figures and ``ensemble.members`` each
@@ -175,6 +202,9 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     payloads = [load_checkpoint(p) for p in paths]
     metas = [p["meta"] for p in payloads]
     check_members(metas, [p.name for p in paths])
+    for meta, path in zip(metas, paths):
+        if archs and (meta.get("architecture") or "resnet18") not in archs:
+            raise MLError(f"{path.name} is a {meta.get('architecture')} network, not one of --arch {', '.join(archs)}")
     first = metas[0]
     known = {f.name for f in fields(TrainConfig)}
     args = {k: v for k, v in (first.get("args") or {}).items() if k in known}
@@ -205,12 +235,16 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     for path, meta, member, output in zip(paths, metas, members, outputs):
         z = model_malignancy_logit(member, output).double().numpy()
         member_rows.append({"file": path.name, "sha256": file_sha256(path), "seed": meta.get("seed"),
+                            "architecture": meta.get("architecture") or "resnet18",
+                            "weights_origin": meta.get("weights_origin"),
                             "epoch": meta.get("epoch"), "val_roc_auc": summarise(y, calibrated(z, None), 0.5)["roc_auc"],
                             "created_at": meta.get("created_at")})
     # the first member's record (data, split, recipe), less what belongs to one network alone
     meta = {k: v for k, v in first.items()
             if k not in ("history", "created_at", "versions", "stored_dtype", "seed", "epoch")}
+    archs = {row["architecture"] for row in member_rows}
     meta.update({
+        "architecture": archs.pop() if len(archs) == 1 else MIXED,
         "calibration": calibration, "threshold": threshold, "target_sensitivity": target,
         "threshold_confidence": confidence or None, "val_metrics": {"at_threshold": at_op}, "seen_images": _union_seen(metas),
         "ensemble": {"members": member_rows, "combined": "mean of the members' raw outputs",
@@ -244,14 +278,16 @@ def split_members(payload: dict[str, Any], folder: str | Path) -> list[Path]:
     rows = (meta.get("ensemble") or {}).get("members") or []
     if len(rows) < 2:
         raise MLError("not an ensemble checkpoint: it lists no members")
-    shape = network_shape(meta)
+    shape = network_shape(meta)[:4]
+    archs = member_architectures(meta)
     folder = Path(folder)
     written = []
     for k, row in enumerate(rows):
-        network = build_model("none", *shape)
+        network = build_model("none", *shape, archs[k])
         network.load_state_dict({key: v.float() for key, v in member_state(payload["state_dict"], k).items()})
         member_meta = {key: v for key, v in meta.items() if key not in ("ensemble", "created_at", "stored_dtype")}
-        member_meta.update(seed=row.get("seed"), epoch=row.get("epoch"))
+        member_meta.update(seed=row.get("seed"), epoch=row.get("epoch"), architecture=archs[k],
+                           weights_origin=row.get("weights_origin"))
         written.append(save_checkpoint(folder / f"member{k}.pt", network, member_meta))
     return written
 

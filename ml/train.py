@@ -41,6 +41,7 @@ class TrainConfig:
     val_split: float = 0.2
     epochs: int = 30
     weights: str = "none"
+    arch: str | None = None           # ml.ARCHITECTURES; None: the starting checkpoint's, else resnet18
     img_size: int = 224
     batch_size: int = 32
     lr: float = 1e-3
@@ -76,6 +77,7 @@ class TrainConfig:
     layer4_stride: int | None = None  # 1: an 8 x 8 last feature map at 128 px; None: the start weights' (else 2)
     input_norm: str | None = None     # "image": each image standardised first (ml.model.INPUT_NORMS); None: the start weights' (else "fixed")
     resize: str | None = None         # "square-bilinear" or "letterbox-bilinear" (ml.data.RESIZE_MODES); None: the start weights' (else square)
+    label_smoothing: float = 0.0      # cross-entropy label smoothing (three-class runs)
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0 = off
     time_limit_min: float | None = None
     resume: bool = False
@@ -321,9 +323,10 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
                      positive_classes: list[str], val_metrics: dict, threshold: float,
                      split: dict, epoch: int, history: list[EpochLog], num_outputs: int = 1,
                      calibration: dict | None = None, seen_images: dict | None = None,
-                     layer4_stride: int = 2, input_norm: str = "fixed") -> dict[str, Any]:
+                     layer4_stride: int = 2, input_norm: str = "fixed", arch: str = "resnet18") -> dict[str, Any]:
     return {
-        "architecture": "resnet18", "num_outputs": num_outputs, "calibration": calibration,
+        "architecture": arch, "weights_origin": weights_origin(cfg.weights, arch),
+        "num_outputs": num_outputs, "calibration": calibration,
         "layer4_stride": layer4_stride, "input_norm": input_norm,
         "seen_images": seen_images,
         "class_names": class_names, "positive_classes": positive_classes,
@@ -356,6 +359,33 @@ def _read_start_meta(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
         return {}
     meta = payload.get("meta") if isinstance(payload, dict) else None
     return meta if isinstance(meta, dict) else {}
+
+
+def weights_arch(weights: str) -> str:
+    """The architecture of the starting weights when they are one of our checkpoints (a
+    fine-tune keeps its parent's network), else ResNet18."""
+    arch = start_meta(weights).get("architecture") or "resnet18"
+    if arch == "mixed":
+        # a fine-tune of a mixed ensemble starts each member from itself (ml.ensemble.fine_tune)
+        raise MLError(f"{weights} is an ensemble of several architectures: fine-tune its members one by one")
+    return arch
+
+
+def weights_origin(weights: str, arch: str) -> dict[str, Any]:
+    """Where a run's starting weights came from, for its checkpoint: random, the ImageNet file
+    (package, version, sha256), or the parent checkpoint (its own origin kept)."""
+    if weights in ("none", None):
+        return {"source": "random"}
+    if weights == "imagenet":
+        from ml.model import imagenet_weights_origin
+
+        return imagenet_weights_origin(arch)
+    from ml.hashing import file_sha256
+
+    parent = start_meta(weights)
+    return {"source": "checkpoint", "file": Path(weights).name,
+            "sha256": file_sha256(weights) if Path(weights).is_file() else None,
+            "parent_origin": parent.get("weights_origin")}
 
 
 def weights_layer4_stride(weights: str) -> int:
@@ -450,7 +480,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     y_val_labels = labels[val_idx]
     stride = cfg.layer4_stride or weights_layer4_stride(cfg.weights)
     input_norm = cfg.input_norm or weights_input_norm(cfg.weights)
-    model = build_model(cfg.weights, num_outputs, positive_idx if several else None, stride, input_norm)
+    arch = cfg.arch or weights_arch(cfg.weights)
+    model = build_model(cfg.weights, num_outputs, positive_idx if several else None, stride, input_norm, arch)
     masks, has_mask = (load_masks(cache.paths, cfg.masks, cache.images.shape[-1], cache.resize)
                        if cfg.masks else (None, None))
     if has_mask is not None:
@@ -465,7 +496,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     scored = ema.module if ema is not None else model
     if several:
         weights = _class_weights(y_train, num_outputs) if cfg.pos_weight == "auto" else None
-        criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+        criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                        label_smoothing=cfg.label_smoothing)
         eval_criterion = nn.CrossEntropyLoss()
     else:
         pw = _pos_weight(cfg.pos_weight, y_train)
@@ -539,7 +571,8 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
                 trained_on = seen_images(cache, np.concatenate([train_idx, val_idx]))
             meta = _checkpoint_meta(cfg, cache, fingerprint, class_names, positive_classes,
                                     val_metrics, threshold, split_info, epoch, history, num_outputs,
-                                    calibration, trained_on, layer4_stride=stride, input_norm=input_norm)
+                                    calibration, trained_on, layer4_stride=stride, input_norm=input_norm,
+                                    arch=arch)
             if epoch in cfg.snapshot_epochs:
                 save_checkpoint(snapshot_path(out, epoch), scored, meta)
             if improved:
@@ -568,7 +601,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
 
 def check_config(cfg: TrainConfig) -> None:
     """The ranges the command line enforces, for a config built in Python (MLError names the option)."""
-    ranges = {"mask_margin": (0, 3), "mask_weight": (0, math.inf), "erase_lesions": (0, 1), "mixstyle": (0, 1), "randconv": (0, 1), "ema": (0, 1 - 1e-12),
+    ranges = {"mask_margin": (0, 3), "mask_weight": (0, math.inf), "erase_lesions": (0, 1), "mixstyle": (0, 1), "randconv": (0, 1), "ema": (0, 1 - 1e-12), "label_smoothing": (0, 0.5),
               "val_split": (1e-12, 1 - 1e-12), "aspect_augment": (1, 3)}
     for name, (low, high) in ranges.items():
         value = getattr(cfg, name)
@@ -576,7 +609,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise MLError(f"{name} {value!r} is out of range ({low:g} to {high:g})")
     from ml.model import INPUT_NORMS
 
-    choices = {"input_norm": (None, *INPUT_NORMS), "layer4_stride": (None, 1, 2)}
+    from ml import ARCHITECTURES
+
+    choices = {"input_norm": (None, *INPUT_NORMS), "layer4_stride": (None, 1, 2), "arch": (None, *ARCHITECTURES)}
     for name, allowed in choices.items():  # before the images are read, not when the network is built
         if getattr(cfg, name) not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)

@@ -127,6 +127,41 @@ def _validation_set(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
     return f"{split}: {size}. Optimistic: the threshold and the best epoch were chosen on these images."
 
 
+ARCH_WORDS = {"resnet18": "ResNet18", "efficientnet_lite0": "EfficientNet-Lite0"}
+
+
+def _origin_words(origin: Any) -> str:
+    """Where a network's starting weights came from, in words."""
+    if not isinstance(origin, dict):
+        return "(starting weights not recorded)"
+    if origin.get("source") == "imagenet":
+        digest = f", sha256 {str(origin['sha256'])[:12]}…" if origin.get("sha256") else ""
+        return f"from ImageNet weights ({origin.get('package')} {origin.get('version') or ''}{digest})".replace(" )", ")")
+    if origin.get("source") == "checkpoint":
+        return f"fine-tuned from {origin.get('file')} ({_origin_words(origin.get('parent_origin'))})"
+    return "from random weights"
+
+
+def _legacy_origin(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What a checkpoint written before ``weights_origin`` was recorded says of its start."""
+    weights = (meta.get("args") or {}).get("weights") if isinstance(meta.get("args"), dict) else None
+    if weights == "none":
+        return {"source": "random"}
+    return {"source": "checkpoint", "file": Path(str(weights)).name} if weights and weights != "imagenet" else None
+
+
+def network_words(meta: dict[str, Any]) -> str:
+    """The architecture and the origin of its weights, per member for an ensemble."""
+    fallback = meta.get("weights_origin") or _legacy_origin(meta)
+    members = (meta.get("ensemble") or {}).get("members") if isinstance(meta.get("ensemble"), dict) else None
+    if isinstance(members, list) and members:
+        return "; ".join(f"{ARCH_WORDS.get(m.get('architecture') or meta.get('architecture'), meta.get('architecture'))} "
+                         f"{_origin_words(m.get('weights_origin') or fallback)}"
+                         for m in members if isinstance(m, dict))
+    arch = meta.get("architecture") or "resnet18"
+    return f"{ARCH_WORDS.get(arch, arch)} {_origin_words(fallback)}"
+
+
 RESIZE_WORDS = {"square-bilinear": "squashed to a square",
                 "letterbox-bilinear": "letterboxed (scaled whole onto a black square: lesion shape kept)"}
 
@@ -141,7 +176,7 @@ def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
     resize = meta.get("resize") or "square-bilinear"
     stride = int(meta.get("layer4_stride") or 2)
     grid = max(1, size // (16 * stride))
-    recipe = {"input": f"{size} × {size} px, {RESIZE_WORDS.get(resize, resize)}",
+    recipe = {"network": network_words(meta), "input": f"{size} × {size} px, {RESIZE_WORDS.get(resize, resize)}",
               "last_feature_grid": f"{grid} × {grid} (layer4 stride {stride})"}
     if meta.get("input_norm") == "image":
         recipe["intensity"] = "each image standardised to its own mean and spread (scanner gain and contrast removed)"

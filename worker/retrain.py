@@ -144,7 +144,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
             seed: int = 0, min_reviews: int = 1, consensus_rule: str = "majority",
             target_sensitivity: float | None = None, n_boot: int = 1000, name: str | None = None,
             actor: User | None = None, feedback_weight: int = 1, group_pattern: str | None = None,
-            min_specificity: float | None = None) -> RetrainOutcome:
+            min_specificity: float | None = None, arch: str | None = None) -> RetrainOutcome:
     """Run the whole loop once and return what happened (see the module docstring).
 
     The new version is registered whatever the decision (with its parent, data
@@ -178,6 +178,9 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
     if init == "active" and active is None:
         raise RetrainError("--init active: there is no active model to start from; use --init imagenet or none")
     active_path = store.path(active.file_key) if active is not None else None
+    if init == "active" and arch and arch != (active.meta or {}).get("architecture", "resnet18"):
+        raise RetrainError(f"--arch {arch}: the active model is a {(active.meta or {}).get('architecture')} network; "
+                           "--init active keeps it (use --init imagenet for another architecture)")
     # Checked now, not after an hour of training: both models must be scorable on it.
     check_locked_test(locked_test, active.meta if active is not None else None, {"positive_classes": ["malignant"]})
 
@@ -189,6 +192,7 @@ def retrain(base_data: str | Path, locked_test: str | Path, work_dir: str | Path
     checkpoint.unlink(missing_ok=True)
     cfg = TrainConfig(data=str(work / "train"), out=str(checkpoint), epochs=epochs,
                       weights=str(active_path) if init == "active" else init, img_size=size,
+                      arch=None if init == "active" else arch,
                       batch_size=batch_size, seed=seed, target_sensitivity=target, progress=False,
                       group_pattern=MERGED_GROUP_PATTERN if merge.n_grouped else None)
     fine_tune(cfg)   # fit(cfg); from an active ensemble, every member is fine-tuned and recombined

