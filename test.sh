@@ -9,4 +9,7 @@ if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v
     || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
     || echo "test.sh: could not install chromium; browser tests will skip"
 fi
-exec "$venv/bin/python" -m pytest "$@"
+# In parallel (pytest-xdist, one worker per core; tests/conftest.py keeps the tests that share
+# Redis or the browser on one worker), and the 15 slowest tests named at the end.
+# PYTEST_WORKERS=0 runs everything in this one process.
+exec "$venv/bin/python" -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadgroup --durations=15 "$@"
