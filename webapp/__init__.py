@@ -92,7 +92,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def healthz():  # for load balancers and monitoring: 503 names what fails
         from webapp.health import health_report
 
-        return health_report(app)
+        return health_report(app, tuple(request.args.getlist("require")))
 
     from webapp.background import celery_init_app
 

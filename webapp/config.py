@@ -67,6 +67,9 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # Every worker sweeps this often (seconds; 0: never): it sends the cases that the
         # broker refused (the outbox) and sends again those whose job was lost.
         "SWEEP_INTERVAL": _env_int("SWEEP_INTERVAL", 30),
+        # Each worker writes a heartbeat row this often; /healthz counts a worker live if it
+        # beat within three intervals (webapp/health.py). 0 turns the heartbeat off.
+        "WORKER_HEARTBEAT_S": _env_int("WORKER_HEARTBEAT_S", 10),
         "WORKER_CONCURRENCY": _env_int("WORKER_CONCURRENCY", 1),
         # `manage.py serve` (gunicorn, web only): processes, threads per process, and the
         # seconds after which a silent process is replaced and a stopping one is killed.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from celery import shared_task
@@ -140,13 +141,68 @@ class _Sweeper:
 sweeper = _Sweeper()
 
 
+class _Heartbeat:
+    """The worker's main process writes ``heartbeat`` row ``worker:<host>:<pid>`` every
+    WORKER_HEARTBEAT_S seconds, so that `/healthz` can tell a live worker from a dead one
+    (a SIGKILLed worker stops beating; its pool processes may linger, but nothing takes
+    jobs). The row is deleted on a clean stop."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.name = ""
+
+    def start(self, flask_app, hostname: str) -> None:
+        interval = flask_app.config["WORKER_HEARTBEAT_S"]
+        if interval <= 0 or self._thread is not None:
+            return
+        self.name = f"worker:{hostname}:{os.getpid()}"[:64]
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, args=(flask_app, interval), name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self, flask_app=None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+            if flask_app is not None:
+                from webapp.health import forget_heartbeat
+
+                with flask_app.app_context():
+                    forget_heartbeat(self.name)
+
+    def _loop(self, flask_app, interval: int) -> None:
+        from webapp.extensions import db
+        from webapp.health import beat
+
+        while not self._stop.is_set():
+            with flask_app.app_context():
+                try:
+                    beat(self.name)
+                except Exception:  # noqa: BLE001 - the database may be away; /healthz says so itself
+                    log.warning("heartbeat not written; trying again in %s s", interval)
+                finally:
+                    db.session.remove()
+            self._stop.wait(interval)
+
+
+heartbeat = _Heartbeat()
+
+
+def _flask_app_of(sender):
+    return getattr(getattr(sender, "app", None), "flask_app", None)
+
+
 @worker_ready.connect
 def _start_sweeper(sender=None, **_kwargs) -> None:
-    flask_app = getattr(getattr(sender, "app", None), "flask_app", None)
+    flask_app = _flask_app_of(sender)
     if flask_app is not None:
         sweeper.start(flask_app)
+        heartbeat.start(flask_app, getattr(sender, "hostname", None) or "worker")
 
 
 @worker_shutdown.connect
-def _stop_sweeper(**_kwargs) -> None:
+def _stop_sweeper(sender=None, **_kwargs) -> None:
     sweeper.stop()
+    heartbeat.stop(_flask_app_of(sender))

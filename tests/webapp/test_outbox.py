@@ -135,7 +135,8 @@ def test_uploads_while_the_broker_is_down_wait_in_the_outbox_and_healthz_says_so
 
     health = client.get("/healthz")
     assert health.status_code == 503
-    assert health.get_json() == {"status": "unavailable", "database": "ok", "broker": "not reachable"}
+    assert health.get_json() == {"status": "unavailable", "database": "ok", "broker": "not reachable",
+                                 "worker": "no live worker"}
     with app.app_context():  # a sweep while the broker is still down sends nothing and loses nothing
         assert (sweep_cases(app).sent, sweep_cases(app).waiting) == ([], 2)
     assert _case(app, 1).error == WAITING_FOR_QUEUE
@@ -185,7 +186,8 @@ def test_healthz_reports_a_database_that_refuses_writes(make_app):
             db.engine.dispose()
         response = client.get("/healthz")
         assert response.status_code == 503
-        assert response.get_json() == {"status": "unavailable", "database": "not writable", "broker": "ok"}
+        assert response.get_json() == {"status": "unavailable", "database": "not writable", "broker": "ok",
+                                       "worker": "no live worker"}
         with app.app_context():
             db.engine.dispose()
     finally:
