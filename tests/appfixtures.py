@@ -154,7 +154,7 @@ def app(make_app):
 
 # ------------------------------------------------------------------ users
 
-def add_user(app, email: str, role: str = "clinician", password: str = "password-123"):
+def add_user(app, email: str, role: str = "clinician", password: str = "quiet-harbour-lamp"):
     """Create a user through the same function as the admin pages; returns its id."""
     from webapp.accounts import create_user
 
@@ -162,7 +162,7 @@ def add_user(app, email: str, role: str = "clinician", password: str = "password
         return create_user(email, password, role).id
 
 
-def login(client, email: str, password: str = "password-123"):
+def login(client, email: str, password: str = "quiet-harbour-lamp"):
     response = client.post("/login", data={"email": email, "password": password})
     assert response.status_code == 302, response.data
     return response

@@ -44,12 +44,29 @@ def _common_passwords() -> frozenset[str]:
     return frozenset(line.strip().lower() for line in lines if line.strip() and not line.startswith("#"))
 
 
-def check_password_rule(password: str) -> None:
+# zxcvbn's estimate of the guesses an attacker needs, at least this power of ten: its score 4
+# ("strong protection from an offline slow-hash attack"). Score 3 admitted "Summer2025!!"
+# (10^8.3 guesses: a season, a year and punctuation, the first thing a cracker tries).
+MIN_GUESSES_LOG10 = 10.0
+# Words of this product that an attacker would try first.
+_SITE_WORDS = ("breast", "review", "breastreview", "ultrasound", "radiology", "hospital")
+
+
+def _email_words(email: str | None) -> list[str]:
+    if not email:
+        return []
+    local, _, domain = email.lower().partition("@")
+    return [email.lower(), local, domain, *re.split(r"[._+\-]", local), *domain.split(".")]
+
+
+def check_password_rule(password: str, email: str | None = None) -> None:
     """The one password rule of the web pages and the command line; raises AccountError.
 
     At least 12 characters, not only blank characters, not on the shipped list of common
-    passwords (webapp/common_passwords.txt, compared without case) and not made of fewer
-    than four different characters.
+    passwords (webapp/common_passwords.txt, compared without case), not made of fewer than
+    four different characters, and at least 10^10 guesses by zxcvbn's estimate (dictionary
+    words, names, dates, keyboard runs, repeats and l33t all count as cheap), with the
+    account's own e-mail address and this product's words counted as known.
     """
     password = password or ""
     if len(password) < MIN_PASSWORD_LENGTH:
@@ -58,6 +75,13 @@ def check_password_rule(password: str) -> None:
         raise AccountError("the password is only spaces or other blank characters")
     if password.lower() in _common_passwords() or len(set(password.lower())) < _MIN_DISTINCT_CHARACTERS:
         raise AccountError("the password is too common or too simple; a few unrelated words make a good one")
+    from zxcvbn import zxcvbn
+
+    estimate = zxcvbn(password[:100], user_inputs=[*_email_words(email), *_SITE_WORDS])
+    if estimate["guesses_log10"] < MIN_GUESSES_LOG10:
+        hint = (estimate.get("feedback") or {}).get("warning") or ""
+        raise AccountError("the password is too easy to guess" + (f" ({hint.rstrip('.').lower()})" if hint else "")
+                           + "; three or four unrelated words make a good one")
 
 
 # ------------------------------------------------------------------ signing in
@@ -166,7 +190,7 @@ def change_password(user: User, current: str, new: str, address: str = "unknown"
         audit("user.change_password.failed", actor=user, target=user, address=address)
         db.session.commit()
         raise AccountError("the current password is wrong")
-    check_password_rule(new)
+    check_password_rule(new, user.email)
     if user.check_password(new):
         raise AccountError("the new password must differ from the current one")
     user.set_password(new)
@@ -179,7 +203,7 @@ def change_password(user: User, current: str, new: str, address: str = "unknown"
 def reset_password(user: User, temporary: str, actor: User | None = None) -> None:
     """An admin's reset: a temporary password that must be changed at the next sign-in.
     Ends the user's sessions and forgets their failed sign-ins."""
-    check_password_rule(temporary)
+    check_password_rule(temporary, user.email)
     user.set_password(temporary)
     user.must_change_password = True
     end_sessions(user)
@@ -200,7 +224,7 @@ def create_user(email: str, password: str, role: str = "clinician", actor: User 
         raise AccountError(f"{email!r} is not an email address")
     if role not in ROLES:
         raise AccountError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    check_password_rule(password)
+    check_password_rule(password, email)
     if find_user(email) is not None:
         raise AccountError(f"a user with email {email} already exists")
     user = User(email=email, role=role, active=True, must_change_password=must_change_password)

@@ -30,7 +30,7 @@ import pytest
 from tests.appfixtures import image_bytes, postgres_available, redis_available, scratch_postgres_database
 from webapp.config import PROJECT_ROOT
 
-PASSWORD = "password-123"
+PASSWORD = "quiet-harbour-lamp"
 SUCCEEDED = re.compile(r"Task worker\.tasks\.predict_case\[[0-9a-f-]+\] succeeded in [0-9.e-]+s: 'done'")
 # Settings this test chooses for every process; the caller's environment must not leak in.
 SETTINGS = ("INSTANCE_PATH", "DATABASE_URL", "CELERY_BROKER_URL", "TASK_QUEUE", "SECRET_KEY", "STORAGE_DIR",

@@ -1,7 +1,7 @@
 """Fixtures for the browser tests: the real app (`manage.py run`: web + worker + embedded
 broker) in a subprocess, and a headless Debian Chromium driven by Selenium.
 
-Users on every served app (password ``password-123``): doc@example.org (clinician),
+Users on every served app (password ``quiet-harbour-lamp``): doc@example.org (clinician),
 rev1@example.org and rev2@example.org (reviewers), admin@example.org (admin).
 
 A failing browser test leaves a screenshot and the page source in ``test-artifacts/``
@@ -25,7 +25,7 @@ from tests.appfixtures import register_model
 from webapp.config import PROJECT_ROOT
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-PASSWORD = "password-123"
+PASSWORD = "quiet-harbour-lamp"
 USERS = {"doc@example.org": "clinician", "rev1@example.org": "reviewer", "rev2@example.org": "reviewer",
          "admin@example.org": "admin"}
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS") or PROJECT_ROOT / "test-artifacts")

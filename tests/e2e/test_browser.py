@@ -22,7 +22,7 @@ def test_sign_in_upload_and_see_the_result(served_app, browser):
     browser.get(base + "/cases")
     assert "/login" in browser.current_url
     browser.find_element(By.NAME, "email").send_keys("doc@example.org")
-    browser.find_element(By.NAME, "password").send_keys("password-123")
+    browser.find_element(By.NAME, "password").send_keys("quiet-harbour-lamp")
     browser.find_element(By.CSS_SELECTOR, "form.card button, form.card input[type=submit]").click()
     wait.until(EC.url_to_be(base + "/cases"))
 

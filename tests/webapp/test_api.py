@@ -177,7 +177,7 @@ def test_the_api_needs_no_csrf_token_but_the_pages_still_do(make_app):
     add_user(app, "doc@example.org")
     doc = make_token(app, "doc@example.org")
     assert _upload(client, doc, ("a.png", image_bytes())).status_code == 201
-    login_page = client.post("/login", data={"email": "doc@example.org", "password": "password-123"})
+    login_page = client.post("/login", data={"email": "doc@example.org", "password": "quiet-harbour-lamp"})
     assert login_page.status_code == 400  # no CSRF token: the form is still refused
     page_upload = client.post("/cases/upload", data={"images": [(io.BytesIO(image_bytes(seed=2)), "b.png")]},
                               headers=bearer(doc))

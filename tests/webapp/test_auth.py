@@ -12,7 +12,7 @@ from tests.appfixtures import add_user, csrf_token, image_bytes, login
 def test_sign_in_and_out(app, client):
     add_user(app, "Doc@Example.org")
     assert client.get("/cases").status_code == 302  # anonymous: to the sign-in page
-    response = client.post("/login", data={"email": "doc@example.org ", "password": "password-123"})
+    response = client.post("/login", data={"email": "doc@example.org ", "password": "quiet-harbour-lamp"})
     assert response.status_code == 302 and response.headers["Location"] == "/cases"
     assert b"Cases" in client.get("/cases").data
     assert client.post("/logout").status_code == 302
@@ -34,14 +34,14 @@ def test_deactivated_user_cannot_sign_in_and_is_signed_out(app, client):
     with app.app_context():
         deactivate(find_user("doc@example.org"))
     assert client.get("/cases").status_code == 302  # the live session no longer counts
-    response = client.post("/login", data={"email": "doc@example.org", "password": "password-123"})
+    response = client.post("/login", data={"email": "doc@example.org", "password": "quiet-harbour-lamp"})
     assert response.status_code == 401
 
 
 def test_next_parameter_cannot_redirect_off_site(app, client):
     add_user(app, "doc@example.org")
     response = client.post("/login?next=https://evil.example/x",
-                           data={"email": "doc@example.org", "password": "password-123"})
+                           data={"email": "doc@example.org", "password": "quiet-harbour-lamp"})
     assert response.headers["Location"] == "/cases"
 
 
@@ -105,9 +105,9 @@ def test_forms_without_csrf_token_are_refused(make_app):
     app = make_app(WTF_CSRF_ENABLED=True)
     client = app.test_client()
     add_user(app, "doc@example.org")
-    assert client.post("/login", data={"email": "doc@example.org", "password": "password-123"}).status_code == 400
+    assert client.post("/login", data={"email": "doc@example.org", "password": "quiet-harbour-lamp"}).status_code == 400
     token = csrf_token(client.get("/login").data)
-    response = client.post("/login", data={"email": "doc@example.org", "password": "password-123", "csrf_token": token})
+    response = client.post("/login", data={"email": "doc@example.org", "password": "quiet-harbour-lamp", "csrf_token": token})
     assert response.status_code == 302
     response = client.post("/cases/upload", data={"images": [(io.BytesIO(image_bytes()), "a.png")]})
     assert response.status_code == 400 and b"security token" in response.data
@@ -169,7 +169,7 @@ def test_repeated_failed_sign_ins_pause_that_address_for_a_while(make_app):
         return client.post("/login", data={"email": "doc@example.org", "password": password})
 
     assert [attempt("wrong-password").status_code for _ in range(3)] == [401, 401, 401]
-    locked = attempt("password-123")  # even the right password, while paused
+    locked = attempt("quiet-harbour-lamp")  # even the right password, while paused
     assert locked.status_code == 401 and b"too many failed attempts" in locked.data
     assert client.get("/cases").status_code == 302  # not signed in
     with app.app_context():
@@ -178,11 +178,11 @@ def test_repeated_failed_sign_ins_pause_that_address_for_a_while(make_app):
         # the lockout window passes
         db.session.execute(update(SignInAttempt).values(created_at=SignInAttempt.created_at - timedelta(minutes=16)))
         db.session.commit()
-    assert attempt("password-123").status_code == 302
+    assert attempt("quiet-harbour-lamp").status_code == 302
     client.post("/logout")
     # a successful sign-in starts the count again
     assert [attempt("wrong-password").status_code for _ in range(2)] == [401, 401]
-    assert attempt("password-123").status_code == 302
+    assert attempt("quiet-harbour-lamp").status_code == 302
 
 
 def test_unknown_emails_are_audited_and_never_locked_out_by_name(app, client):

@@ -21,9 +21,9 @@ def run_cli(tmp_path, monkeypatch):
 
 
 def test_init_creates_schema_and_first_admin_from_env_then_is_idempotent(run_cli):
-    result = run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-secret"})
+    result = run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-quiet-secret"})
     assert result.exit_code == 0, result.output
-    assert "created admin boss@example.org" in result.output and "a-long-secret" not in result.output
+    assert "created admin boss@example.org" in result.output and "a-long-quiet-secret" not in result.output
     again = run_cli("init")
     assert again.exit_code == 0 and "an admin account exists" in again.output
     listing = run_cli("users", "list").output
@@ -31,14 +31,14 @@ def test_init_creates_schema_and_first_admin_from_env_then_is_idempotent(run_cli
 
 
 def test_init_prompts_for_the_password(run_cli):
-    result = run_cli("init", "--admin-email", "boss@example.org", input="a-long-secret\na-long-secret\n")
+    result = run_cli("init", "--admin-email", "boss@example.org", input="a-long-quiet-secret\na-long-quiet-secret\n")
     assert result.exit_code == 0, result.output
     assert "created admin boss@example.org" in result.output
 
 
 def test_users_create_set_role_deactivate(run_cli):
-    run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-secret"})
-    assert run_cli("users", "create", "doc@example.org", "--password-stdin", input="doc-password-1\n").exit_code == 0
+    run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-quiet-secret"})
+    assert run_cli("users", "create", "doc@example.org", "--password-stdin", input="doc-lantern-orbit-1\n").exit_code == 0
     short = run_cli("users", "create", "x@example.org", "--password-stdin", input="short\n")
     assert short.exit_code == 1 and "at least 12 characters" in short.output
     assert "doc@example.org is now reviewer" in run_cli("users", "set-role", "doc@example.org", "reviewer").output
@@ -52,7 +52,7 @@ def test_users_create_set_role_deactivate(run_cli):
 
 
 def test_models_register(run_cli, tiny_checkpoint, tmp_path):
-    run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-secret"})
+    run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-quiet-secret"})
     result = run_cli("models", "register", str(tiny_checkpoint))
     assert result.exit_code == 0, result.output
     assert "registered v1 (active; threshold 0.500, input 32 px" in result.output
@@ -65,7 +65,7 @@ def test_models_register(run_cli, tiny_checkpoint, tmp_path):
 
 
 def test_worker_without_a_broker_explains_what_to_do(run_cli):
-    run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-secret"})
+    run_cli("init", env={"ADMIN_EMAIL": "boss@example.org", "ADMIN_PASSWORD": "a-long-quiet-secret"})
     result = run_cli("worker")
     assert result.exit_code == 1
     assert "no broker" in result.output and "manage.py run" in result.output

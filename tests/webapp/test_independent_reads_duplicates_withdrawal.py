@@ -194,7 +194,7 @@ def test_withdrawal_needs_the_csrf_token(make_app):
     case_id = finished_case(app, model_version(app), 0.8)
     client = app.test_client()
     page = client.get("/login").data
-    client.post("/login", data={"email": "doc@example.org", "password": "password-123",
+    client.post("/login", data={"email": "doc@example.org", "password": "quiet-harbour-lamp",
                                 "csrf_token": csrf_token(page)})
     assert client.post(f"/cases/{case_id}/withdraw", data={"confirm": "y"}).status_code == 400
     page = client.get(f"/cases/{case_id}").data

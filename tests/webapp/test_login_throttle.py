@@ -43,10 +43,10 @@ def test_unknown_wrong_deactivated_and_throttled_get_the_same_answer(make_app):
 
     unknown = _sign_in(client, "nobody@example.org", "whatever-password")
     wrong = _sign_in(client, "doc@example.org", "wrong-password!")
-    deactivated = _sign_in(client, "gone@example.org", "password-123")
+    deactivated = _sign_in(client, "gone@example.org", "quiet-harbour-lamp")
     for _ in range(2):
         _sign_in(client, "doc@example.org", "wrong-password!")
-    throttled = _sign_in(client, "doc@example.org", "password-123")  # right password, too many failures
+    throttled = _sign_in(client, "doc@example.org", "quiet-harbour-lamp")  # right password, too many failures
     answers = {(r.status_code, _page(r, email)) for r, email in (
         (unknown, "nobody@example.org"), (wrong, "doc@example.org"),
         (deactivated, "gone@example.org"), (throttled, "doc@example.org"))}
@@ -71,8 +71,8 @@ def test_failures_from_one_address_do_not_lock_the_account_for_others(make_app):
     attacker, colleague = _client(app, ATTACKER), _client(app, COLLEAGUE)
     for _ in range(10):
         assert _sign_in(attacker, "admin@example.org", "wrong-password!").status_code == 401
-    assert _sign_in(attacker, "admin@example.org", "password-123").status_code == 401  # throttled there
-    assert _sign_in(colleague, "admin@example.org", "password-123").status_code == 302  # not here
+    assert _sign_in(attacker, "admin@example.org", "quiet-harbour-lamp").status_code == 401  # throttled there
+    assert _sign_in(colleague, "admin@example.org", "quiet-harbour-lamp").status_code == 302  # not here
 
 
 def test_one_address_guessing_many_accounts_is_throttled_for_all_of_them(make_app):
@@ -81,8 +81,8 @@ def test_one_address_guessing_many_accounts_is_throttled_for_all_of_them(make_ap
     attacker, colleague = _client(app, ATTACKER), _client(app, COLLEAGUE)
     for i in range(6):
         _sign_in(attacker, f"user{i}@example.org", "wrong-password!")
-    assert _sign_in(attacker, "doc@example.org", "password-123").status_code == 401
-    assert _sign_in(colleague, "doc@example.org", "password-123").status_code == 302
+    assert _sign_in(attacker, "doc@example.org", "quiet-harbour-lamp").status_code == 401
+    assert _sign_in(colleague, "doc@example.org", "quiet-harbour-lamp").status_code == 302
 
 
 def test_throttle_ends_after_the_window_or_a_success_and_every_attempt_is_audited(make_app):
@@ -94,18 +94,18 @@ def test_throttle_ends_after_the_window_or_a_success_and_every_attempt_is_audite
     client = _client(app, ATTACKER)
     for _ in range(3):
         _sign_in(client, "doc@example.org", "wrong-password!")
-    assert _sign_in(client, "doc@example.org", "password-123").status_code == 401
+    assert _sign_in(client, "doc@example.org", "quiet-harbour-lamp").status_code == 401
     with app.app_context():
         events = db.session.scalars(select(AuditEvent).where(AuditEvent.action == "login.failed")).all()
         assert [e.details["reason"] for e in events] == ["wrong password"] * 3 + ["throttled"]
         assert {e.details["address"] for e in events} == {ATTACKER}
         db.session.execute(update(SignInAttempt).values(created_at=SignInAttempt.created_at - timedelta(minutes=16)))
         db.session.commit()
-    assert _sign_in(client, "doc@example.org", "password-123").status_code == 302
+    assert _sign_in(client, "doc@example.org", "quiet-harbour-lamp").status_code == 302
     client.post("/logout")
     for _ in range(2):  # a success starts the count again
         _sign_in(client, "doc@example.org", "wrong-password!")
-    assert _sign_in(client, "doc@example.org", "password-123").status_code == 302
+    assert _sign_in(client, "doc@example.org", "quiet-harbour-lamp").status_code == 302
 
 
 def test_an_admin_unlocks_an_account(make_app):
@@ -115,13 +115,13 @@ def test_an_admin_unlocks_an_account(make_app):
     doc, admin = _client(app, ATTACKER), _client(app, COLLEAGUE)
     for _ in range(3):
         _sign_in(doc, "doc@example.org", "wrong-password!")
-    assert _sign_in(doc, "doc@example.org", "password-123").status_code == 401
-    assert _sign_in(admin, "admin@example.org", "password-123").status_code == 302
+    assert _sign_in(doc, "doc@example.org", "quiet-harbour-lamp").status_code == 401
+    assert _sign_in(admin, "admin@example.org", "quiet-harbour-lamp").status_code == 302
     page = admin.get("/admin/users").data
     assert b"Unlock" in page
     response = admin.post(f"/admin/users/{doc_id}/unlock", follow_redirects=True)
     assert b"may sign in again" in response.data
-    assert _sign_in(doc, "doc@example.org", "password-123").status_code == 302
+    assert _sign_in(doc, "doc@example.org", "quiet-harbour-lamp").status_code == 302
 
 
 def test_proxy_addresses_are_used_only_when_configured(make_app):
@@ -131,6 +131,6 @@ def test_proxy_addresses_are_used_only_when_configured(make_app):
     for _ in range(3):
         proxy.post("/login", data={"email": "doc@example.org", "password": "wrong-password!"},
                    headers={"X-Forwarded-For": ATTACKER})
-    right = {"email": "doc@example.org", "password": "password-123"}
+    right = {"email": "doc@example.org", "password": "quiet-harbour-lamp"}
     assert proxy.post("/login", data=right, headers={"X-Forwarded-For": ATTACKER}).status_code == 401
     assert proxy.post("/login", data=right, headers={"X-Forwarded-For": COLLEAGUE}).status_code == 302

@@ -166,7 +166,7 @@ def test_csrf_is_required(make_app):
     case_id = finished_case(app, model_version(app), 0.8)
     client = app.test_client()
     page = client.get("/login").data
-    client.post("/login", data={"email": "rev@example.org", "password": "password-123", "csrf_token": csrf_token(page)})
+    client.post("/login", data={"email": "rev@example.org", "password": "quiet-harbour-lamp", "csrf_token": csrf_token(page)})
     page = client.get(f"/cases/{case_id}").data
     data = {"verdict": "agree", "confidence": "certain", "opened": _token(page)}
     assert client.post(f"/cases/{case_id}/review", data=data).status_code == 400

@@ -112,5 +112,5 @@ def test_promote_needs_the_csrf_token(make_app):
     from tests.appfixtures import csrf_token
 
     token = csrf_token(client.get("/login").data)
-    client.post("/login", data={"email": "boss@example.org", "password": "password-123", "csrf_token": token})
+    client.post("/login", data={"email": "boss@example.org", "password": "quiet-harbour-lamp", "csrf_token": token})
     assert client.post("/admin/models/v2/promote").status_code == 400

@@ -192,7 +192,7 @@ def test_save_and_next_needs_the_csrf_token(make_app):
     first, second = finished_case(app, version, 0.8, seed=1), finished_case(app, version, 0.85, seed=2)
     client = app.test_client()
     page = client.get("/login").data
-    client.post("/login", data={"email": "rev@example.org", "password": "password-123", "csrf_token": csrf_token(page)})
+    client.post("/login", data={"email": "rev@example.org", "password": "quiet-harbour-lamp", "csrf_token": csrf_token(page)})
     page = client.get(f"/cases/{first}?queue=oldest").data
     data = {"verdict": "agree", "confidence": "certain", "opened": _token(page), "queue": "oldest", "save_next": "1"}
     assert client.post(f"/cases/{first}/review", data=data).status_code == 400

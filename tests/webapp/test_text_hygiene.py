@@ -19,7 +19,7 @@ def _upload(client, name="a.png", note=""):
 def _flows(app, client):
     add_user(app, "doc@example.org")
     for bad in BAD:
-        response = client.post("/login", data={"email": f"doc{bad}@example.org", "password": "password-123"})
+        response = client.post("/login", data={"email": f"doc{bad}@example.org", "password": "quiet-harbour-lamp"})
         assert response.status_code == 400 and b"not allowed" in response.data, repr(bad)
     login(client, "doc@example.org")
     for bad in BAD:
