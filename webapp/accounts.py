@@ -95,13 +95,17 @@ def _decoy_hash() -> str:
 @dataclass(frozen=True)
 class SignInLimits:
     max_failures: int = 5  # per (email, address); 0: no throttling at all
-    max_address_failures: int = 20  # per address, over all emails
+    max_address_failures: int = 100  # per address, over all emails (a hospital's NAT is many people)
     lockout_minutes: int = 15
+    known_address_days: int = 30  # a success from an address this recently exempts that email there
 
 
 def _throttled(email: str, address: str, limits: SignInLimits) -> bool:
     """Whether ``address`` may not try ``email`` now: too many failures for this email from
-    this address (since its last success there), or from this address over all emails."""
+    this address (since its last success there), or from this address over all emails --
+    the second only for an email never signed in from this address in the last
+    ``known_address_days``, so that one person guessing behind a hospital's NAT does not
+    lock out every colleague who works behind it."""
     if not limits.max_failures:
         return False
     since = utcnow() - timedelta(minutes=limits.lockout_minutes)
@@ -115,15 +119,21 @@ def _throttled(email: str, address: str, limits: SignInLimits) -> bool:
         return True
     if not limits.max_address_failures:
         return False
+    if last_success and last_success > utcnow() - timedelta(days=limits.known_address_days):
+        return False
     overall = db.session.scalar(select(func.count()).select_from(SignInAttempt).where(
         SignInAttempt.address == address, SignInAttempt.succeeded.is_(False), SignInAttempt.created_at > since))
     return overall >= limits.max_address_failures
 
 
 def _forget_old_attempts(limits: SignInLimits) -> None:
-    # Attempts older than the window no longer count; the audit log keeps the history.
+    # Failures older than the window no longer count; successes are kept as long as they
+    # make an address known (_throttled). The audit log keeps the history.
     minutes = max(limits.lockout_minutes, 1)
-    db.session.execute(delete(SignInAttempt).where(SignInAttempt.created_at < utcnow() - timedelta(minutes=minutes)))
+    db.session.execute(delete(SignInAttempt).where(
+        SignInAttempt.succeeded.is_(False), SignInAttempt.created_at < utcnow() - timedelta(minutes=minutes)))
+    db.session.execute(delete(SignInAttempt).where(
+        SignInAttempt.created_at < utcnow() - timedelta(days=max(limits.known_address_days, 1))))
 
 
 def authenticate(email: str, password: str, address: str, limits: SignInLimits = SignInLimits()) -> User | None:

@@ -126,9 +126,10 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # Failed sign-ins for one email from one client address before that address may no
         # longer try that email for the lockout window (0: off); other addresses are not
         # affected, so nobody can lock a colleague out. LOGIN_MAX_FAILURES_PER_ADDRESS bounds
-        # the failures from one address over all emails (guessing many accounts).
+        # the failures from one address over all emails (guessing many accounts); an email
+        # signed in from that address within 30 days is exempt (a hospital's NAT).
         "LOGIN_MAX_FAILURES": _env_int("LOGIN_MAX_FAILURES", 5),
-        "LOGIN_MAX_FAILURES_PER_ADDRESS": _env_int("LOGIN_MAX_FAILURES_PER_ADDRESS", 20),
+        "LOGIN_MAX_FAILURES_PER_ADDRESS": _env_int("LOGIN_MAX_FAILURES_PER_ADDRESS", 100),
         "LOGIN_LOCKOUT_MINUTES": _env_int("LOGIN_LOCKOUT_MINUTES", 15),
         # Behind a reverse proxy the client address is in X-Forwarded-For: set this to the
         # number of proxies in front of the app (0: use the connection's own address). Never

@@ -134,3 +134,22 @@ def test_proxy_addresses_are_used_only_when_configured(make_app):
     right = {"email": "doc@example.org", "password": "quiet-harbour-lamp"}
     assert proxy.post("/login", data=right, headers={"X-Forwarded-For": ATTACKER}).status_code == 401
     assert proxy.post("/login", data=right, headers={"X-Forwarded-For": COLLEAGUE}).status_code == 302
+
+
+def test_one_guesser_behind_a_hospital_nat_does_not_lock_out_colleagues_who_sign_in_there(make_app):
+    """Issue 31, item 6: 21 failures from one address used to lock out every user behind it."""
+    app = make_app(LOGIN_MAX_FAILURES=3, LOGIN_MAX_FAILURES_PER_ADDRESS=6)
+    add_user(app, "doc@example.org")
+    add_user(app, "new@example.org")
+    nat = _client(app, ATTACKER)
+    assert _sign_in(nat, "doc@example.org", "quiet-harbour-lamp").status_code == 302   # doc works here
+    guesser = _client(app, ATTACKER)
+    for i in range(10):
+        _sign_in(guesser, f"user{i}@example.org", "wrong-password!")
+    # doc, known at this address, still signs in; an account never used here is held back
+    assert _sign_in(_client(app, ATTACKER), "doc@example.org", "quiet-harbour-lamp").status_code == 302
+    assert _sign_in(_client(app, ATTACKER), "new@example.org", "quiet-harbour-lamp").status_code == 401
+    # doc's own guesses from there still meet the per-account limit
+    for _ in range(3):
+        _sign_in(guesser, "doc@example.org", "wrong-password!")
+    assert _sign_in(_client(app, ATTACKER), "doc@example.org", "quiet-harbour-lamp").status_code == 401
