@@ -104,6 +104,27 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+# Exported and merged images are patients' images: readable by their owner only, as the
+# instance folder is (0700 folders, 0600 files), whatever the umask of the admin's shell.
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for folder in (path, path.parent):
+        if folder.stat().st_mode & 0o077:
+            folder.chmod(0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+
+
+def _copy_private(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    os.chmod(target, 0o600)
+
+
 def write_feedback_folder(items: Iterable[FeedbackImage], out_dir: str | Path) -> ExportSummary:
     """Write ``out_dir/malignant``, ``out_dir/benign`` and ``out_dir/normal`` (one PNG per
     case, named from the case id) and ``manifest.csv`` with one row per image, sorted by case id.
@@ -123,7 +144,7 @@ def write_feedback_folder(items: Iterable[FeedbackImage], out_dir: str | Path) -
     summary = ExportSummary(per_label={label: 0 for label in EXPORT_LABELS})
     rows, keep = [], set()
     for label in EXPORT_LABELS:
-        (out / label).mkdir(parents=True, exist_ok=True)
+        _private_dir(out / label)
     for item in items:
         data = clean_png(item.image)
         relative = f"{item.label}/{_file_name(item.case_id)}"
@@ -132,7 +153,7 @@ def write_feedback_folder(items: Iterable[FeedbackImage], out_dir: str | Path) -
             summary.unchanged += 1
         else:
             tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(data)
+            _write_private(tmp, data)
             os.replace(tmp, target)  # never a half-written image under its real name
             summary.written += 1
         keep.add(relative)
@@ -151,8 +172,9 @@ def write_feedback_folder(items: Iterable[FeedbackImage], out_dir: str | Path) -
             if path.is_file():
                 path.unlink()
                 summary.removed += 1
-    tmp = out / (MANIFEST + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    tmp = out / (MANIFEST + ".tmp")   # it names patients' keys: private too
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", newline="") as fh:
+        os.fchmod(fh.fileno(), 0o600)
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -290,12 +312,12 @@ def merge_training_data(base_data: str | Path, feedback_dir: str | Path | None, 
     for digest, (path, label) in sorted(chosen.items()):
         stem = f"{digest}.g{tags[digest]}" if digest in tags else digest
         target = out / label / f"{stem}{path.suffix.lower()}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+        _private_dir(target.parent)
+        _copy_private(path, target)
         summary.per_label[label] = summary.per_label.get(label, 0) + 1
         lines.append(f"{digest}\t{label}")
         for k in range(2, feedback_copies + 1 if digest in from_feedback else 0):
-            shutil.copyfile(path, target.with_name(f"{stem}.c{k}{path.suffix.lower()}"))
+            _copy_private(path, target.with_name(f"{stem}.c{k}{path.suffix.lower()}"))
             lines.append(f"{digest}.c{k}\t{label}")
     summary.n_grouped = len(tags)
     summary.n_patients = len(set(tags.values()))

@@ -196,3 +196,33 @@ def test_merge_tags_each_known_patient_so_training_keeps_them_on_one_side(tmp_pa
     with pytest.raises(ExportError, match="not a regular expression"):
         merge_training_data(base, feedback, locked, tmp_path / "bad", group_pattern="([A-Z")
     assert not (tmp_path / "bad").exists()
+
+
+def test_exported_and_merged_images_are_private_whatever_the_umask(tmp_path):
+    """Issue 31, item 6: the export wrote patients' images 0644 in 0755 folders."""
+    import os
+    import stat
+
+    from ml.export import merge_training_data
+
+    previous = os.umask(0o022)
+    try:
+        a = _png_with_text()
+        out = tmp_path / "export"
+        write_feedback_folder([FeedbackImage(1, a, "malignant", _sha(a), "model-confirmed", 1, 1, 0, "cancer", "v1",
+                                             "2026-01-01T09:00:00", "2026-01-01T09:00:00")], out)
+        base = tmp_path / "base"
+        (base / "normal").mkdir(parents=True)
+        (base / "normal" / "n.png").write_bytes(_png_with_text())
+        (base / "malignant").mkdir()
+        (base / "malignant" / "m.png").write_bytes(_jpeg_with_exif())
+        locked = tmp_path / "locked"
+        (locked / "normal").mkdir(parents=True)
+        merged = tmp_path / "merged"
+        merge_training_data(base, out, locked, merged)
+    finally:
+        os.umask(previous)
+    for root in (out, merged):
+        for path in [root, *root.rglob("*")]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
