@@ -1,7 +1,12 @@
 #!/usr/bin/env python
 """Two cheap checks before paying for a training run on a preprocessing idea.
 
-    .venv/bin/python benchmarks/preprocessing_probe.py [--model demo/model.pt]
+Question: would cropping to the ultrasound field, or mirror test-time augmentation, help?
+Answer (2026-11-26): neither adopted; the crop keeps 0.994-0.998 of every site's images (a
+no-op), and the mirror's +0.011 on BUS-UCLM (128-px model) did not repeat on held-out BrEaST or
+at 144 px. docs/studies/2026-11-26-preprocessing-probe.md
+
+    .venv/bin/python studies/preprocessing_probe.py [--model demo/model.pt]
 
 1. Crop to the ultrasound field: how much of each site's images is black padding that a
    crop would remove (the share of the image area kept after trimming border rows and
@@ -23,6 +28,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # for train_sites
 
 from ml.data import cache_images, normalise, scan_folder  # noqa: E402
 from ml.inference import Predictor  # noqa: E402

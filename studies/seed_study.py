@@ -1,17 +1,23 @@
 #!/usr/bin/env python
 """How much of a recipe's figure is the seed, and what an ensemble of seeds would score.
 
+Question: what does a recipe give on a site it never saw over many seeds, rather than one run?
+Answer (2026-11-27, 14 GPU seeds): the 128-px demo recipe 0.770 +- 0.016 on BUS-UCLM (the
+demo run's 0.801 was above all 14); MixStyle -0.021; two members +0.008; 80 epochs +0.020.
+docs/studies/2026-11-27-many-seeds-gpu.md (also used by 2026-11-27-input-size.md,
+2026-11-27-randconv-and-80-epochs.md and 2026-11-27-two-network-ensemble.md).
+
 Two steps, so that the models can be trained and scored on one machine (a GPU machine,
 say, where many seeds fit in minutes) and the figures computed on another
-(``benchmarks/seed_study_gpu.sh`` is the run behind docs/model-quality.md's table):
+(``studies/seed_study_gpu.sh`` is the run behind the many-seeds note's table):
 
     # 0. (to train elsewhere) a copy of the sites at 256 px that travels: ~26 MB
-    .venv/bin/python benchmarks/seed_study.py shrink --out gpu_data
-    # 1. score checkpoints (e.g. from train_sites.py --keep runs/NAME) on one site
-    .venv/bin/python benchmarks/seed_study.py scores runs/*/busi+breast-lesions-usg.pt \\
+    .venv/bin/python studies/seed_study.py shrink --out gpu_data
+    # 1. score checkpoints (e.g. from benchmarks/train_sites.py --keep runs/NAME) on one site
+    .venv/bin/python studies/seed_study.py scores runs/*/busi+breast-lesions-usg.pt \\
         --site bus-uclm --out scores.npz [--data DIR] [--device cuda]
     # 2. per model and per recipe: ROC-AUC, sens/spec, ECE, pointing game; ensembles
-    .venv/bin/python benchmarks/seed_study.py report scores.npz [--data ../shared/data]
+    .venv/bin/python studies/seed_study.py report scores.npz [--data ../shared/data]
 
 ``scores`` stores, per model, the calibrated malignancy probability of every image of the
 site and the raw layer4 Grad-CAM and Grad-CAM++ grids (before upsampling: 8 x 8 for a
@@ -37,7 +43,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ on the path, so that `import train_sites` is the same module that the
+# benchmarks themselves import (its use_data() sets the data folder for all of them).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import train_sites  # noqa: E402
 from localisation import hit_and_mass  # noqa: E402

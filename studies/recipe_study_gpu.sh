@@ -1,12 +1,15 @@
 #!/bin/bash
-# The GPU run behind docs/model-quality.md's "RandConv and 80 epochs at 144 px" table, as it
+# Question: does RandConv help on two held-out sites, and do 80 epochs beat 40 at 144 px?
+# Answer (2026-11-27): RandConv -0.051 (BUS-UCLM) and -0.062 (BrEaST) seed for seed, off;
+# 80 epochs +0.058 in 4 of 4 seeds. docs/studies/2026-11-27-randconv-and-80-epochs.md
+# The GPU run behind that note's table, as it
 # ran on a lent machine, and the machinery that seed_study_gpu.sh's job list runs on:
-#   .venv/bin/python benchmarks/seed_study.py shrink --out gpu_data     # here, once
+#   .venv/bin/python studies/seed_study.py shrink --out gpu_data     # here, once
 #   then there, from the repository root with gpu_data/ beside it and $OUT an output folder:
-#   bash benchmarks/recipe_study_gpu.sh
+#   bash studies/recipe_study_gpu.sh
 #   (the first call's time ran out before the 80-epoch runs; they ran in a second call with a
-#   four-line job list: JOBS=FILE THREADS=4 SLOTS=4 TRAIN_S=250 bash benchmarks/recipe_study_gpu.sh)
-# Then here: .venv/bin/python benchmarks/seed_study.py report OUT/SITE-*.npz   (one site at a time)
+#   four-line job list: JOBS=FILE THREADS=4 SLOTS=4 TRAIN_S=250 bash studies/recipe_study_gpu.sh)
+# Then here: .venv/bin/python studies/seed_study.py report OUT/SITE-*.npz   (one site at a time)
 # Each line of the job list is NAME (RECIPE-sSEED) and its train_sites.py options; every run
 # is at SIZE px (default 144) with masks and layer4 stride 1 (the demo recipe). A recipe whose name starts
 # with "b" holds BrEaST-Lesions-USG out (trains on BUSI + BUS-UCLM) instead of BUS-UCLM, so a
@@ -37,7 +40,7 @@ timeout ${TRAIN_S:-370} xargs -P ${SLOTS:-12} -L 1 bash -c 'one "$@"' _ < runs/j
 for r in $(ls -d runs/*-s* 2>/dev/null | sed 's#runs/##; s#-s[0-9]*$##' | sort -u); do
   for pt in busi+breast-lesions-usg:bus-uclm busi+bus-uclm:breast-lesions-usg; do
     if ls runs/$r-s*/${pt%%:*}.pt > /dev/null 2>&1; then
-      timeout ${SCORE_S:-110} python3 benchmarks/seed_study.py scores runs/$r-s*/${pt%%:*}.pt --data $D --device ${DEVICE:-cuda} \
+      timeout ${SCORE_S:-110} python3 studies/seed_study.py scores runs/$r-s*/${pt%%:*}.pt --data $D --device ${DEVICE:-cuda} \
         --site ${pt##*:} --out "$OUT/${pt##*:}-$r.npz" > runs/scores-$r.log 2>&1 &
     fi
   done

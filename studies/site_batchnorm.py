@@ -2,10 +2,16 @@
 """Does re-estimating a model's batch-normalisation statistics on a new site's images (no
 labels) rank that site's next cases better?
 
-    .venv/bin/python benchmarks/site_batchnorm.py demo/model.pt                      # BUS-UCLM
-    .venv/bin/python benchmarks/site_batchnorm.py loso/busi+bus-uclm.pt --site breast-lesions-usg
-    .venv/bin/python benchmarks/site_batchnorm.py MODEL --site busi --weights 1,0.5 --images 50
-    .venv/bin/python benchmarks/site_batchnorm.py MODEL --site busi --stages all,1,2   # first stages only
+Question: does AdaBN (`manage.py recalibrate --adapt-bn`) help a site with no reviewed cases,
+and does re-estimating only the first stages protect a strong model?
+Answer (2026-11-28): on weak held-out models yes (BUSI +0.071, BrEaST +0.034), on the demo model
+at BUS-UCLM no (-0.023; half weight +0.003); first stages only do not help, so the product
+re-estimates every layer. docs/studies/2026-11-28-site-batchnorm.md
+
+    .venv/bin/python studies/site_batchnorm.py demo/model.pt                      # BUS-UCLM
+    .venv/bin/python studies/site_batchnorm.py loso/busi+bus-uclm.pt --site breast-lesions-usg
+    .venv/bin/python studies/site_batchnorm.py MODEL --site busi --weights 1,0.5 --images 50
+    .venv/bin/python studies/site_batchnorm.py MODEL --site busi --stages all,1,2   # first stages only
 
 For each --seeds split, the site is split by patient (benchmarks/site_adaptation.py) into a
 pool (the site's uploads so far) and a test part (its next cases). The statistics are
