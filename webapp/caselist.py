@@ -5,6 +5,8 @@ Every order is (column, id) with a matching index, and pages continue from a cur
 """
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -235,6 +237,9 @@ def case_statuses(viewer: User, case_ids: list[int], hidden_output: set[int] | N
 THUMBNAIL_PX = 96
 
 
+_THUMBNAIL_SLOTS = threading.BoundedSemaphore(2)
+
+
 def thumbnail_path(store, case: Case) -> Path | None:
     """A JPEG of at most THUMBNAIL_PX on its longer side, made with Pillow the first time it
     is asked for and kept in the file store (``thumbs/ab/<image sha256>.jpg``: derived from
@@ -253,9 +258,18 @@ def thumbnail_path(store, case: Case) -> Path | None:
     if not case.image_key or not store.exists(case.image_key):
         return None
     try:
-        with Image.open(store.path(case.image_key)) as image:
+        # At most THUMBNAIL_SLOTS decodes at once per process: a page of 50 near-limit images
+        # asked for together must not hold 50 full-size decodes in memory (13 at once took
+        # the web process to 2.5 GB).
+        with _THUMBNAIL_SLOTS, Image.open(store.path(case.image_key)) as image:
             image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))  # JPEG: decode at a fraction of the size
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            image.load()
+            factor = min(image.size) // (THUMBNAIL_PX * 2)
+            if image.mode.startswith("I;16"):
+                image = image.convert("I")   # reduce() takes 32-bit integers, not 16-bit
+            if factor > 1 and image.mode in ("L", "RGB", "RGBA", "LA", "I", "F"):
+                image = image.reduce(factor)  # box reduction first: everything after is small
+            if image.mode in ("I", "F"):
                 # 16-bit or float greyscale: stretch its own range to 8 bits (a plain
                 # conversion would clip everything above 255 to white).
                 wide = image.convert("F")

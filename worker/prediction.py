@@ -122,7 +122,14 @@ def open_bounded(path, max_side: int) -> Image.Image:
                 scale = max_side / max(img.size)
                 img.draft(img.mode, (max(1, int(img.width * scale)), max(1, int(img.height * scale))))
             img.load()
-            if img.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):  # modes reduce() cannot take
+            if img.mode.startswith("I;16"):
+                # 16-bit: widened to 32-bit integers (what reduce() takes) and reduced before
+                # its range is stretched to 8 bits, so the float conversion runs on the small
+                # image (at 6300 x 6300 it took 1.7 GB at full size).
+                converted = img.convert("I")
+                img.close()
+                img = converted
+            elif img.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):  # modes reduce() cannot take
                 from ml.data import to_rgb
 
                 converted = to_rgb(img)
