@@ -50,17 +50,19 @@ class QuietRequestHandler(WSGIRequestHandler):
 @click.option("--concurrency", type=int, default=None, help="Worker processes (default WORKER_CONCURRENCY, 1).")
 @click.option("--demo", is_flag=True, help="Also register the bundled demo model and queue the sample images (idempotent).")
 def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
-    from webapp.models import set_command_line_actor
-
-    set_command_line_actor(None)  # events of the server and its worker are the system's
     """Serve the app with one worker and (without CELERY_BROKER_URL) the embedded broker.
 
-    For a laptop. In production run a WSGI server and `manage.py worker` separately.
+    For a laptop. In production run a WSGI server and `manage.py worker` separately. A worker
+    or embedded broker that dies is restarted within seconds (webapp.supervisor).
     """
     from werkzeug.serving import run_simple
 
     from webapp import create_app
     from webapp.broker import BrokerUnavailable, EmbeddedBroker
+    from webapp.models import set_command_line_actor
+    from webapp.supervisor import Supervisor
+
+    set_command_line_actor(None)  # events of the server and its worker are the system's
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Stop cleanly on SIGTERM as on Ctrl-C (and even where a shell started us with SIGINT
@@ -79,7 +81,7 @@ def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
             url = broker.start()
         except BrokerUnavailable as exc:
             raise click.ClickException(str(exc)) from None
-    worker = None
+    supervisor = None
     app = None
     try:
         app = create_app({"CELERY_BROKER_URL": url})
@@ -90,7 +92,8 @@ def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
         command = [sys.executable, str(PROJECT_ROOT / "manage.py"), "worker", "--broker-url", url]
         if concurrency:
             command += ["--concurrency", str(concurrency)]
-        worker = subprocess.Popen(command)
+        supervisor = Supervisor(lambda: subprocess.Popen(command), broker, say=lambda line: click.echo(line, err=True))
+        worker = supervisor.start()
         if demo:
             # A separate process: reading the checkpoint needs torch, which this one never loads.
             subprocess.run([sys.executable, str(PROJECT_ROOT / "manage.py"), "demo", "--broker-url", url], check=False)
@@ -99,6 +102,10 @@ def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
     except KeyboardInterrupt:
         click.echo("stopping")
     finally:
+        worker = None
+        if supervisor is not None:
+            supervisor.stop()   # a stop on purpose is not a death to repair
+            worker = supervisor.worker
         if worker is not None:
             worker.terminate()  # warm shutdown: the current job finishes or goes back to the queue
             try:

@@ -50,8 +50,9 @@ class ServedApp:
     """A running `manage.py run`: ``base`` URL, ``tmp_path``, ``instance`` folder, and
     ``app`` (a Flask app on the same instance, for preparing data with app_context)."""
 
-    def __init__(self, base: str, tmp_path: Path, instance: Path, app):
+    def __init__(self, base: str, tmp_path: Path, instance: Path, app, process=None):
         self.base, self.tmp_path, self.instance, self.app = base, tmp_path, instance, app
+        self.process = process  # the `manage.py run` process
 
     # Unpacking keeps `base, tmp_path = served_app` working.
     def __iter__(self):
@@ -119,7 +120,7 @@ def served_app(tmp_path, tiny_checkpoint, stopping_apps):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("manage.py run did not start:\n" + (tmp_path / "run.log").read_text())
             time.sleep(0.2)
-    yield ServedApp(base, tmp_path, instance, app)
+    yield ServedApp(base, tmp_path, instance, app, process)
     process.send_signal(signal.SIGTERM)
     stopping_apps.append((process, tmp_path, instance, log))
 
