@@ -282,3 +282,19 @@ def test_the_migration_creates_exactly_the_token_table(app):
     with app.app_context(), db.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), db.metadata)
     assert [d for d in diff if "api_token" in repr(d)] == []
+
+
+def test_a_full_disk_is_named_as_such_not_as_an_unreachable_database():
+    """Issue 31, item 6: the API's storage-full 503 said "database cannot be reached"."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from webapp.api.routes import unavailable_reason
+
+    full = OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+    locked = OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+    gone = OperationalError("SELECT", {}, Exception("could not connect to server: Connection refused"))
+    assert unavailable_reason(full).startswith("The server's disk is full")
+    assert "busy" in unavailable_reason(locked)
+    assert "cannot be reached" in unavailable_reason(gone)

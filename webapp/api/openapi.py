@@ -52,7 +52,7 @@ _E401 = {"description": "No token, or a token that is unknown, revoked, expired 
 _E403 = _error("The token's user has a role that may not do this (or blinded review hides the model output)")
 _E404 = _error("No such case, or not one the token's user may see (existence is not revealed)")
 _E410 = _error("The case was withdrawn by its uploader or an admin: kept in the records, no longer served")
-_E503 = {"description": "The database cannot be reached; nothing was changed. Retry after the given seconds",
+_E503 = {"description": "The database cannot be reached, is busy, or the server's disk is full (the message says which); nothing was changed. Retry after the given seconds",
          "headers": {"Retry-After": {"schema": _STR}}, "content": _json("Error")}
 
 

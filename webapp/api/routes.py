@@ -82,13 +82,23 @@ def token_required(*roles: str) -> Callable:
     return decorator
 
 
+def unavailable_reason(exc: Exception) -> str:
+    """What a database error means for the client: a full disk (SQLite says "database or disk
+    is full"; PostgreSQL "No space left on device") is not a database that cannot be reached."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    if "disk is full" in text or "no space left" in text or "disk full" in text:
+        return "The server's disk is full, so nothing could be stored"
+    if "locked" in text:
+        return "The database is busy (locked by another writer)"
+    return "The database cannot be reached just now"
+
+
 @bp.errorhandler(OperationalError)
 @bp.errorhandler(InterfaceError)
 def _database_unavailable(exc):
     current_app.logger.warning("API: database unavailable: %s", exc.__class__.__name__)
     db.session.rollback()
-    response = _error(503, "Service Unavailable",
-                      "The database cannot be reached just now; nothing was changed. Try again shortly.")
+    response = _error(503, "Service Unavailable", unavailable_reason(exc) + "; nothing was changed. Try again shortly.")
     response.headers["Retry-After"] = "30"
     return response
 
