@@ -131,8 +131,6 @@ def threshold_rule_lines(adaptation: dict, target: float) -> list[str]:
 @click.command()
 @click.option("--locked-test", required=True, type=click.Path(exists=True, file_okay=False),
               help="ImageFolder of this site never used for adaptation; the gate compares both versions on it")
-@click.option("--arch", type=click.Choice(["resnet18", "efficientnet_lite0"]), default=None,
-              help="network for --init imagenet / none (default resnet18); --init active keeps the active model's")
 @click.option("--promote", default="auto", show_default=True, type=click.Choice(["auto", "never", "force"]))
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1), help="sensitivity the new threshold is set for (default RETRAIN_TARGET_SENSITIVITY, 0.90)")
 @click.option("--min-specificity", type=click.FloatRange(0, 1),
