@@ -509,3 +509,30 @@ def test_image_file_names_lose_dates_and_identifier_like_tokens(uploaded, shown)
     from webapp.intake import display_name
 
     assert display_name(uploaded) == shown
+
+
+@pytest.mark.parametrize("attributes", [{"WindowCenter": 2048, "WindowWidth": 4096}, {},
+                                        {"RescaleSlope": 2, "RescaleIntercept": -100}])
+def test_pixels_converted_in_blocks_of_rows_equal_the_whole_frame_at_once(attributes, monkeypatch):
+    """Issue 31, item 3: the 16-bit conversion runs on blocks of rows (a 6300 x 6300 RLE frame
+    converted whole took 795 MB); the blocks must join into exactly the whole-frame result,
+    the min-max stretch included (its range comes from every block)."""
+    import tracemalloc
+
+    import webapp.dicom as dicom
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 4096, (300, 200), dtype=np.uint16)
+    values[250:, :] += 2000          # the maximum lies in the last block only
+    data = dicom_bytes(values, bits=16, **attributes)
+    peaks = {}
+    for rows in (10_000, 32):
+        monkeypatch.setattr(dicom, "BLOCK_ROWS", rows)
+        tracemalloc.start()
+        peaks[rows] = (png_pixels(read(data).png), tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    (whole, whole_peak), (blocked, blocked_peak) = peaks[10_000], peaks[32]
+    assert np.array_equal(whole, blocked)
+    # whole-frame float copies gone: measured here 0.93 MB saved with a window, 0.63 MB with
+    # a rescale, 0.17 MB without either (no float64 copy to save then, only a float32 one)
+    assert blocked_peak < whole_peak - 300 * 200 * 2, (whole_peak, blocked_peak)
