@@ -46,9 +46,9 @@ def build(folder: Path, n: int):
     app = create_app({"INSTANCE_PATH": str(folder), "CELERY_BROKER_URL": "memory://", "WTF_CSRF_ENABLED": False})
     with app.app_context():
         flask_migrate.upgrade(directory=str(MIGRATIONS_DIR))
-        clinicians = [create_user(f"doc{i}@example.org", "password-123").id for i in range(20)]
-        reviewers = [create_user("rev@example.org", "password-123", "reviewer").id,
-                     create_user("rev2@example.org", "password-123", "reviewer").id]
+        clinicians = [create_user(f"doc{i}@example.org", "quiet-harbour-lamp").id for i in range(20)]
+        reviewers = [create_user("rev@example.org", "quiet-harbour-lamp", "reviewer").id,
+                     create_user("rev2@example.org", "quiet-harbour-lamp", "reviewer").id]
         image_key, _ = app.extensions["file_store"].put(_image(), "images", ".png")
         version = ModelVersion(name="bench", file_key="models/00/" + "0" * 64 + ".pt", checksum="0" * 64,
                                threshold=0.5, input_size=128, is_active=True, metrics={}, meta={})
@@ -121,7 +121,7 @@ def _timed(client, urls: list[str], requests: int, warm: int = 10) -> tuple[floa
 
 def measure(app, requests: int) -> dict[str, tuple[float, float]]:
     client = app.test_client()
-    assert client.post("/login", data={"email": "rev@example.org", "password": "password-123"}).status_code == 302
+    assert client.post("/login", data={"email": "rev@example.org", "password": "quiet-harbour-lamp"}).status_code == 302
     # A later page (the last one at 100 cases): follow "next" 3 times.
     url = "/cases"
     for _ in range(3):

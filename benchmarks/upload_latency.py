@@ -92,7 +92,7 @@ def main() -> None:
 
             with app.app_context():
                 flask_migrate.upgrade(directory=str(MIGRATIONS_DIR))
-                create_user("doc@example.org", "password-123")
+                create_user("doc@example.org", "quiet-harbour-lamp")
                 version = register_model_version(model, load_checkpoint(model)["meta"], activate=True)
                 model_desc = f"{model.name} ({version.input_size} px)"
             worker = subprocess.Popen(
@@ -100,7 +100,7 @@ def main() -> None:
                 cwd=ROOT, env={"INSTANCE_PATH": str(folder), "PATH": "/usr/bin:/bin"})
             try:
                 client = app.test_client()
-                assert client.post("/login", data={"email": "doc@example.org", "password": "password-123"}).status_code == 302
+                assert client.post("/login", data={"email": "doc@example.org", "password": "quiet-harbour-lamp"}).status_code == 302
 
                 def one(seed: int, timeout: float = 120.0) -> float:
                     t0 = time.perf_counter()
