@@ -169,15 +169,21 @@ class SweepResult:
     waiting: int = 0  # cases still due (the broker refused, or the pass stopped)
 
 
-def sweep_cases(app: Flask, now: datetime | None = None, limit: int = 500) -> SweepResult:
+def sweep_cases(app: Flask, now: datetime | None = None, limit: int = 500, *,
+                every_pending: bool = False) -> SweepResult:
     """One pass: send every outbox case, and again every case whose job was lost.
 
     Each case is claimed by a conditional update before it is sent, so that several
     sweepers (one per worker) never send the same case twice in one round. The pass
     stops at the first refusal: the broker is down, the next pass tries again.
+
+    ``every_pending``: every queued or running case counts as lost now, without waiting for
+    the visibility timeout: after the broker itself died (`manage.py run` restarts it), a job
+    it held unacknowledged or had not yet written to disk would otherwise wait that long
+    (600 s by default). A job sent twice still gives one result.
     """
     now = now or utcnow()
-    due = _stuck_condition(stuck_since(app, now))
+    due = Case.status.in_(PENDING) if every_pending else _stuck_condition(stuck_since(app, now))
     result = SweepResult()
     rows = db.session.execute(select(Case.id, Case.dispatched_at, Case.status).where(due)
                               .order_by(Case.id).limit(limit)).all()

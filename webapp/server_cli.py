@@ -92,7 +92,20 @@ def run(host: str, port: int, concurrency: int | None, demo: bool) -> None:
         command = [sys.executable, str(PROJECT_ROOT / "manage.py"), "worker", "--broker-url", url]
         if concurrency:
             command += ["--concurrency", str(concurrency)]
-        supervisor = Supervisor(lambda: subprocess.Popen(command), broker, say=lambda line: click.echo(line, err=True))
+        def resend_pending() -> str:
+            from webapp.background import sweep_cases
+            from webapp.extensions import db
+
+            with app.app_context():
+                try:
+                    result = sweep_cases(app, every_pending=True)
+                finally:
+                    db.session.remove()
+            return (f"sent {len(result.sent) + len(result.resent)} pending case(s) again"
+                    + (f"; {result.waiting} still waiting" if result.waiting else ""))
+
+        supervisor = Supervisor(lambda: subprocess.Popen(command), broker, say=lambda line: click.echo(line, err=True),
+                                after_broker_restart=resend_pending)
         worker = supervisor.start()
         if demo:
             # A separate process: reading the checkpoint needs torch, which this one never loads.

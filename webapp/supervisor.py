@@ -17,11 +17,14 @@ log = logging.getLogger(__name__)
 class Supervisor:
     """Watch the worker started by ``start_worker`` (a callable returning its Popen) and the
     embedded ``broker`` (or None for an external one) every ``interval`` seconds, restarting
-    what died; ``say`` prints a line for the operator."""
+    what died; ``say`` prints a line for the operator. ``after_broker_restart`` runs once the
+    broker is back (`run` sends every pending case again) and may return a line to print."""
 
     def __init__(self, start_worker: Callable[[], subprocess.Popen], broker=None,
-                 say: Callable[[str], None] = print, interval: float = 1.0):
+                 say: Callable[[str], None] = print, interval: float = 1.0,
+                 after_broker_restart: Callable[[], str | None] | None = None):
         self._start_worker, self.broker, self._say, self.interval = start_worker, broker, say, interval
+        self._after_broker_restart = after_broker_restart
         self.worker: subprocess.Popen | None = None
         self.restarts = {"worker": 0, "broker": 0}
         self._children: set[int] = set()
@@ -54,6 +57,10 @@ class Supervisor:
             url = self.broker.restart()
             self.restarts["broker"] += 1
             self._say(f"embedded broker restarted (pid {self.broker.pid}) at {url}; queued jobs kept")
+            if self._after_broker_restart is not None:
+                said = self._after_broker_restart()
+                if said:
+                    self._say(said)
         worker = self.worker
         if worker is None:
             return

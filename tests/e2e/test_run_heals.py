@@ -68,6 +68,7 @@ def test_a_killed_broker_and_worker_come_back_and_cases_still_finish(served_app)
     broker, _ = _processes(run_pid, served_app.instance)
     os.kill(broker[0].pid, signal.SIGKILL)
     _wait(lambda: "embedded broker restarted" in log.read_text(), 30, "the broker was not restarted", log)
+    _wait(lambda: "pending case(s) again" in log.read_text(), 30, "pending cases were not sent again", log)
     second = _upload(base, secret, 2)
     assert second["cases"][0]["sent_to_worker"] is True, second
     _done(base, secret, second["cases"][0]["id"], log)

@@ -207,3 +207,28 @@ def test_manage_py_sweep_sends_the_outbox(app, make_app, run_cli, embedded_broke
     assert result.exit_code == 0, result.output
     assert "sent from the outbox: 1; lost jobs sent again: 0; still waiting: 0" in result.output
     assert _broker(embedded_broker_url).llen(app.config["TASK_QUEUE"]) == 1
+
+
+def test_after_a_broker_crash_every_pending_case_is_sent_again_at_once(make_app, embedded_broker_url):
+    """Issue 31, item 6: after the broker died, an in-flight case waited the whole visibility
+    timeout (600 s). `manage.py run` now sweeps with every_pending once the broker is back."""
+    from webapp.background import sweep_cases
+    from webapp.extensions import db
+    from webapp.models import Case
+
+    app = make_app(BROKER_VISIBILITY_TIMEOUT=600)
+    add_user(app, "doc@example.org")
+    client = app.test_client()
+    login(client, "doc@example.org")
+    broker, queue = _broker(embedded_broker_url), app.config["TASK_QUEUE"]
+    for seed in (1, 2):
+        _upload(client, seed=seed)
+    with app.app_context():   # case 2 was being predicted when the broker died
+        db.session.execute(update(Case).where(Case.id == 2).values(status="running"))
+        db.session.commit()
+    broker.delete(queue)      # what the crash lost
+    with app.app_context():
+        assert sweep_cases(app).resent == []                       # the plain sweep waits 600 s
+        assert sorted(sweep_cases(app, every_pending=True).resent) == [1, 2]
+    assert broker.llen(queue) == 2
+    assert _case(app, 2).status == "queued"

@@ -27,7 +27,9 @@ def test_a_killed_broker_and_worker_are_restarted_and_announced(tmp_path):
     broker = EmbeddedBroker(tmp_path / "instance")
     url = broker.start()
     said: list[str] = []
-    supervisor = Supervisor(_sleeper, broker, said.append, interval=3600)   # rounds driven by hand
+    resends: list[str] = []
+    supervisor = Supervisor(_sleeper, broker, said.append, interval=3600,   # rounds driven by hand
+                            after_broker_restart=lambda: resends.append("sent") or "sent 0 pending case(s) again")
     first = supervisor.start()
     try:
         client = redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"))
@@ -54,6 +56,7 @@ def test_a_killed_broker_and_worker_are_restarted_and_announced(tmp_path):
             assert time.monotonic() < deadline, "the dead worker's pool process was left running"
             time.sleep(0.05)
         assert supervisor.restarts == {"worker": 1, "broker": 1}
+        assert resends == ["sent"] and "sent 0 pending case(s) again" in said   # once, after the restart
         assert any("embedded broker" in line and "died: restarting it" in line for line in said), said
         assert any(f"worker (pid {first.pid}) exited with -9: restarting it" == line for line in said), said
         supervisor.check()   # nothing more to do
