@@ -50,9 +50,10 @@ def _checkpoint_meta(cfg: TrainConfig, cache: CachedImages, fingerprint: dict, c
                      positive_classes: list[str], val_metrics: dict, threshold: float,
                      split: dict, epoch: int, history: list[EpochLog], num_outputs: int = 1,
                      calibration: dict | None = None, seen_images: dict | None = None,
-                     layer4_stride: int = 2, input_norm: str = "fixed", arch: str = "resnet18") -> dict[str, Any]:
+                     layer4_stride: int = 2, input_norm: str = "fixed", arch: str = "resnet18",
+                     origin: dict | None = None) -> dict[str, Any]:
     return {
-        "architecture": arch, "weights_origin": weights_origin(cfg.weights, arch),
+        "architecture": arch, "weights_origin": origin,
         "num_outputs": num_outputs, "calibration": calibration,
         "layer4_stride": layer4_stride, "input_norm": input_norm,
         "seen_images": seen_images,
@@ -171,6 +172,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
     stride = cfg.layer4_stride or weights_layer4_stride(cfg.weights)
     input_norm = cfg.input_norm or weights_input_norm(cfg.weights)
     arch = cfg.arch or weights_arch(cfg.weights)
+    origin = weights_origin(cfg.weights, arch)   # hashes the starting file: once per run, not per save
     model = build_model(cfg.weights, num_outputs, positive_idx if several else None, stride, input_norm, arch)
     masks, has_mask = (load_masks(cache.paths, cfg.masks, cache.images.shape[-1], cache.resize)
                        if cfg.masks else (None, None))
@@ -262,7 +264,7 @@ def run_split(cfg: TrainConfig, cache: CachedImages, train_idx: np.ndarray, val_
             meta = _checkpoint_meta(cfg, cache, fingerprint, class_names, positive_classes,
                                     val_metrics, threshold, split_info, epoch, history, num_outputs,
                                     calibration, trained_on, layer4_stride=stride, input_norm=input_norm,
-                                    arch=arch)
+                                    arch=arch, origin=origin)
             if epoch in cfg.snapshot_epochs:
                 save_checkpoint(snapshot_path(out, epoch), scored, meta)
             if improved:

@@ -21,10 +21,7 @@ def database_writable(name: str = "web") -> bool:
     """True when a committed write succeeds (the `heartbeat` row ``name``). A read alone
     would pass on a full disk, a read-only replica or a locked file."""
     try:
-        now = utcnow()
-        if db.session.execute(update(Heartbeat).where(Heartbeat.name == name).values(beat_at=now)).rowcount == 0:
-            db.session.add(Heartbeat(name=name, beat_at=now))
-        db.session.commit()
+        beat(name)
         return True
     except SQLAlchemyError as exc:
         db.session.rollback()
