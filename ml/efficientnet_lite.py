@@ -22,13 +22,14 @@ the tests (a sample photograph and its known class) guards the mapping and the p
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ml.hashing import file_sha256
 
 # (repeats, kernel, stride, expansion, in, out) per stage: efficientnet_lite_builder.py's lite0
 BLOCKS = (
@@ -159,7 +160,7 @@ def weights_origin(path: Path) -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         version = None
     return {"source": "imagenet", "package": PACKAGE, "version": version, "file": path.name,
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "licence": "Apache-2.0"}
+            "sha256": file_sha256(path), "licence": "Apache-2.0"}
 
 
 def load_package_weights(model: EfficientNetLite0, path: Path) -> None:

