@@ -46,6 +46,10 @@ def test_a_killed_broker_and_worker_are_restarted_and_announced(tmp_path):
         os.kill(old_broker, signal.SIGKILL)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
+        deadline = time.monotonic() + 5   # SIGKILL lands asynchronously: the broker may look alive a moment
+        while broker.alive():
+            assert time.monotonic() < deadline, "the killed broker still runs"
+            time.sleep(0.05)
         supervisor.check()
 
         assert broker.alive() and broker.pid != old_broker and broker.url == url
