@@ -12,7 +12,7 @@ import importlib
 
 import click
 
-COMMAND_MODULES = ("ml.cli", "ml.explain_cli", "webapp.cli", "worker.cli", "worker.review_cli")
+COMMAND_MODULES = ("ml.cli", "ml.explain_cli", "webapp.cli", "worker.cli", "worker.review_cli", "ml.mrmc_cli", "webapp.drift_cli")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
