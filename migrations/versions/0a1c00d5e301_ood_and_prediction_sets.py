@@ -1,7 +1,7 @@
 """out-of-distribution score and conformal prediction set on each prediction
 
 Revision ID: 0a1c00d5e301
-Revises: f7b5c3d9e124
+Revises: a8c6d4e0f235
 Create Date: 2026-12-03 21:15:00
 
 """
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 
 revision = '0a1c00d5e301'
-down_revision = 'f7b5c3d9e124'
+down_revision = 'a8c6d4e0f235'
 branch_labels = None
 depends_on = None
 
